@@ -1,0 +1,85 @@
+"""Saving and loading adapters alone (safetensors + a JSON description), atomically."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapter import PooledAdapter
+from .errors import ConfigError
+
+WEIGHTS = "adapter.safetensors"
+CONFIG = "adapter_config.json"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor a method added: pooled-adapter matrices and PEQA scale deltas."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, PooledAdapter):
+            for pname, p in mod.named_parameters(recurse=False):
+                out[f"{name}.{pname}"] = p.detach()
+        elif getattr(mod, "scale_delta", None) is not None:
+            out[f"{name}.scale_delta"] = mod.scale_delta.detach()
+    return out
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``adapter.safetensors`` and ``adapter_config.json`` (method, hyperparameters, tensor shapes)."""
+    method = getattr(model, "qft_method", None)
+    if method is None:
+        raise ConfigError("save_adapter: the model carries no prepared method (prepare it first; a merged model "
+                          "has no separate adapter).")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    cfg = {"format": "qftbench-adapter", "version": 1, **method.describe(),
+           "tensors": {k: list(v.shape) for k, v in tensors.items()}}
+    _atomic(d / WEIGHTS, lambda p: save_file(tensors, p, metadata={"method": method.name}))
+    _atomic(d / CONFIG, lambda p: Path(p).write_text(json.dumps(cfg, indent=2, sort_keys=True)))
+    return d
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load an adapter saved by :func:`save_adapter`. An unprepared model is prepared with the saved method."""
+    from .registry import build
+
+    d = Path(directory)
+    if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
+        raise ConfigError(f"load_adapter: {d} does not hold {CONFIG} and {WEIGHTS} (written by save_adapter).")
+    cfg = json.loads((d / CONFIG).read_text())
+    method = getattr(model, "qft_method", None)
+    if method is None:
+        method = build(cfg["method"], **cfg["hyperparameters"])
+        method.prepare(model)
+    elif method.name != cfg["method"] or method.hp != cfg["hyperparameters"]:
+        raise ConfigError(f"load_adapter: the model was prepared with {method!r} but {d} holds an adapter of "
+                          f"{cfg['method']!r} with {cfg['hyperparameters']}; prepare a fresh model instead.")
+    own = adapter_state_dict(model)
+    saved = load_file(str(d / WEIGHTS))
+    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if missing or unexpected:
+        raise ConfigError(f"load_adapter: {d} does not fit this model: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}.")
+    for k, v in saved.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ConfigError(f"load_adapter: tensor {k} has shape {tuple(v.shape)} in {d} but "
+                              f"{tuple(own[k].shape)} in the model.")
+        own[k].copy_(v.to(own[k].dtype))
+    return model

@@ -1,0 +1,18 @@
+"""``lora``: the 16-bit LoRA baseline (Hu et al. 2021): frozen bf16/fp16 base, ``ΔW = s·B·A``, fp16 merge."""
+from .base import ALPHA, DROPOUT, RANK, SEED, TARGETS, Geometry, Hyper, Method
+
+
+class LoRA(Method):
+    name = "lora"
+    summary = "16-bit base (not quantized) + LoRA B·A; merged to fp16"
+    deploy = "fp16-merge"
+    hyperparameters = {
+        "rank": RANK, "alpha": ALPHA, "dropout": DROPOUT,
+        "bits": Hyper(16, int, "bits of the frozen base: lora keeps it in 16 bits (use qlora for NF4)",
+                      choices=(16,)),
+        "init": Hyper("kaiming", str, "init of A (B = 0)", choices=("kaiming", "xavier", "gaussian")),
+        "targets": TARGETS, "seed": SEED,
+    }
+
+    def geometry(self):
+        return Geometry(p=1, q=1, rank=self.hp["rank"], init=self.hp["init"])

@@ -1,0 +1,229 @@
+"""QuantScheme: one value object that names a base-weight quantizer and builds frozen quantized layers.
+
+Kinds (METHODS.md, "Quantizers"):
+
+- ``"int"``: group-wise asymmetric INTk with float zero points, RTN here (GPTQ builds the same
+  :class:`~methods.quant.linear.QuantLinear` through ``QuantLinear.from_quantized``). Blocks are either row
+  groups of ``group_size`` inputs (tile ``(1, g)``) or 2-D tiles ``(tile_out, tile_in)``, e.g. ``(8, 4)``.
+- ``"nf"``: the suite's own NFk codebook quantizer (k = 2, 3, 4), blockwise absmax over the flattened weight.
+- ``"bnb-nf4"``: bitsandbytes NF4 with double quantization, block 64 (QLoRA).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ShapeError, did_you_mean
+from .bnb import BNB_BLOCKSIZES, linear4bit_stored_bits
+from .intk import SUPPORTED_BITS as INT_BITS, int_fake_quant
+from .nf import NF_BITS, nf_fake_quant, nf_num_blocks
+from .packing import packed_nbytes
+
+KINDS = ("int", "nf", "bnb-nf4")
+BITS_BY_KIND = {"int": INT_BITS, "nf": NF_BITS, "bnb-nf4": (4,)}
+STAT_BITS = 32  # scales, zeros and absmax of QuantLinear are float32
+
+
+def _is_pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def suggest_sizes(n: int, bad: int) -> list[int]:
+    """Up to three sizes that divide ``n``, near the requested ``bad`` one: the two largest powers of two below
+    it and the smallest multiple of 32 above it (or the nearest divisor above it, or ``n`` itself)."""
+    divs = _divisors(n)
+    below = [d for d in divs if d < bad and d > 1 and d & (d - 1) == 0][-2:]
+    above = [d for d in divs if d > bad and d % 32 == 0] or [d for d in divs if d > bad] or [n]
+    out = sorted(set(below + above[:1]))
+    return [d for d in out if d > 1] or [n]
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    kind: str  # "int" (group-wise asymmetric INTk, float zeros), "nf" (own NFk codebook), "bnb-nf4"
+    bits: int
+    group_size: int | None = None  # int: row groups of g inputs == tile (1, g)
+    tile: tuple[int, int] | None = None  # int: 2-D tile (tile_out, tile_in); exactly one of group_size/tile
+    blocksize: int = 64  # nf / bnb-nf4
+
+    def __post_init__(self):
+        if isinstance(self.tile, list):
+            object.__setattr__(self, "tile", tuple(self.tile))
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> None:
+        """Raise ConfigError (field, value, fix) for an inconsistent scheme."""
+        if self.kind not in KINDS:
+            raise ConfigError(
+                f"kind={self.kind!r} is not a quantizer kind; set kind to one of "
+                f"{', '.join(repr(k) for k in KINDS)}.{did_you_mean(self.kind, KINDS)}"
+            )
+        supported = BITS_BY_KIND[self.kind]
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in supported:
+            raise ConfigError(
+                f"bits={self.bits!r} is not supported by kind={self.kind!r}; supported: {list(supported)}. "
+                f"Set bits to one of those" + (" or use kind='nf' for NF2/NF3." if self.kind == "bnb-nf4" else ".")
+            )
+        if self.kind == "int":
+            if self.group_size is None and self.tile is None:
+                raise ConfigError(
+                    "kind='int' needs exactly one of group_size (row groups of g inputs) or tile "
+                    "((tile_out, tile_in)); got neither. Set e.g. group_size=32 or tile=(8, 4)."
+                )
+            if self.group_size is not None and self.tile is not None:
+                raise ConfigError(
+                    f"kind='int' needs exactly one of group_size or tile; got both group_size={self.group_size!r} "
+                    f"and tile={self.tile!r}. Set the other one to None (group_size=g is tile=(1, g))."
+                )
+            if self.group_size is not None and not _is_pos_int(self.group_size):
+                raise ConfigError(
+                    f"group_size={self.group_size!r} must be a positive integer (inputs per quantization group); "
+                    f"e.g. group_size=32."
+                )
+            if self.tile is not None and not (
+                isinstance(self.tile, tuple) and len(self.tile) == 2 and all(_is_pos_int(t) for t in self.tile)
+            ):
+                raise ConfigError(
+                    f"tile={self.tile!r} must be two positive integers (tile_out, tile_in); e.g. tile=(8, 4)."
+                )
+        else:
+            for field in ("group_size", "tile"):
+                if getattr(self, field) is not None:
+                    raise ConfigError(
+                        f"{field}={getattr(self, field)!r} applies only to kind='int', not kind={self.kind!r}; "
+                        f"set {field}=None (the {self.kind} quantizer uses blocksize, now {self.blocksize})."
+                    )
+            if not _is_pos_int(self.blocksize):
+                raise ConfigError(f"blocksize={self.blocksize!r} must be a positive integer; e.g. blocksize=64.")
+            if self.kind == "bnb-nf4" and self.blocksize not in BNB_BLOCKSIZES:
+                raise ConfigError(
+                    f"blocksize={self.blocksize!r} is not supported by kind='bnb-nf4'; supported: "
+                    f"{list(BNB_BLOCKSIZES)}. Use blocksize=64 (QLoRA)."
+                )
+
+    def block(self) -> tuple[int, int]:
+        """The INTk quantization block ``(tile_out, tile_in)``: ``(1, group_size)`` or ``tile``."""
+        if self.kind != "int":
+            raise ConfigError(
+                f"block() is defined for kind='int' only, not kind={self.kind!r} "
+                f"(it quantizes blocks of blocksize={self.blocksize} flattened weights)."
+            )
+        return (1, self.group_size) if self.group_size is not None else tuple(self.tile)
+
+    def check_layer(self, name: str, d_out: int, d_in: int) -> None:
+        """Raise ShapeError when the layer ``name`` of shape ``(d_out, d_in)`` cannot be split into blocks."""
+        if self.kind != "int":
+            return
+        head = f"layer {name} with weight shape (out={d_out}, in={d_in}): "
+        if self.group_size is not None:
+            g = self.group_size
+            if d_in % g:
+                sug = ", ".join(str(s) for s in suggest_sizes(d_in, g))
+                raise ShapeError(
+                    head + f"in={d_in} is not divisible by group_size={g}; choose a group_size that divides every "
+                    f"target layer's in-features, e.g. {sug}"
+                )
+            return
+        to, ti = self.tile
+        problems = []
+        if d_out % to:
+            problems.append(
+                f"out={d_out} is not divisible by tile_out={to} (tile={self.tile}); choose a tile_out that divides "
+                f"every target layer's out-features, e.g. {', '.join(str(s) for s in suggest_sizes(d_out, to))}"
+            )
+        if d_in % ti:
+            problems.append(
+                f"in={d_in} is not divisible by tile_in={ti} (tile={self.tile}); choose a tile_in that divides "
+                f"every target layer's in-features, e.g. {', '.join(str(s) for s in suggest_sizes(d_in, ti))}"
+            )
+        if problems:
+            raise ShapeError(head + "; ".join(problems))
+
+    # ------------------------------------------------------------------ compute
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        """float32 weight that the module built by :meth:`make_linear` dequantizes to."""
+        if self.kind == "int":
+            self.check_layer("<weight>", *w.shape)
+            return int_fake_quant(w.detach().float(), self.bits, self.block())
+        if self.kind == "nf":
+            return nf_fake_quant(w, self.bits, self.blocksize)
+        from .bnb import bnb_nf4_fake_quant
+
+        return bnb_nf4_fake_quant(w, blocksize=self.blocksize)
+
+    def make_linear(self, linear: nn.Linear, compute_dtype: torch.dtype | None = None, *,
+                    name: str = "<linear>") -> nn.Module:
+        """Frozen quantized copy of ``linear`` (bias kept): QuantLinear for int/nf, bnb Linear4bit for bnb-nf4."""
+        self.check_layer(name, linear.out_features, linear.in_features)
+        if self.kind == "bnb-nf4":
+            from .bnb import to_linear4bit
+
+            return to_linear4bit(linear, compute_dtype, blocksize=self.blocksize)
+        from .linear import QuantLinear
+
+        return QuantLinear.from_linear(linear, self, compute_dtype, name=name)
+
+    def stored_bits_per_param(self, d_out: int, d_in: int) -> float:
+        """Bits per weight that the module from :meth:`make_linear` stores: packed codes plus statistics
+        (float32 scales and zeros for int, float32 absmax for nf, 8-bit absmax + nested float32 absmax + offset
+        for bnb-nf4). Constant lookup tables (codebooks) are not counted."""
+        numel = d_out * d_in
+        if self.kind == "bnb-nf4":
+            return linear4bit_stored_bits(d_out, d_in, self.blocksize) / numel
+        code_bits = 8 * packed_nbytes(numel, self.bits)
+        if self.kind == "int":
+            self.check_layer("<weight>", d_out, d_in)
+            to, ti = self.block()
+            n_blocks = (d_out // to) * (d_in // ti)
+            return (code_bits + 2 * STAT_BITS * n_blocks) / numel
+        return (code_bits + STAT_BITS * nf_num_blocks(numel, self.blocksize)) / numel
+
+    def label(self) -> str:
+        """Short name, e.g. ``int4-g32``, ``int2-tile8x4``, ``nf3-b64``, ``bnb-nf4-dq-b64``."""
+        if self.kind == "int":
+            return f"int{self.bits}-" + (f"g{self.group_size}" if self.group_size else f"tile{self.tile[0]}x{self.tile[1]}")
+        if self.kind == "nf":
+            return f"nf{self.bits}-b{self.blocksize}"
+        return f"bnb-nf4-dq-b{self.blocksize}"
+
+
+def _is_linear4bit(module: nn.Module) -> bool:
+    if "bitsandbytes" not in sys.modules:  # nothing can be a Linear4bit before bitsandbytes is imported
+        return False
+    import bitsandbytes as bnb
+
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True for a QuantLinear or a bitsandbytes Linear4bit."""
+    from .linear import QuantLinear
+
+    return isinstance(module, QuantLinear) or _is_linear4bit(module)
+
+
+def dequantize_module(module: nn.Module) -> torch.Tensor:
+    """float32 weight ``(D_out, D_in)`` of a QuantLinear, a bnb Linear4bit or a plain nn.Linear (detached)."""
+    from .linear import QuantLinear
+
+    if isinstance(module, QuantLinear):
+        with torch.no_grad():
+            return module.dequantize(torch.float32)
+    if _is_linear4bit(module):
+        from .bnb import dequantize_linear4bit
+
+        return dequantize_linear4bit(module)
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().float()
+    raise TypeError(
+        f"dequantize_module() takes a QuantLinear, a bitsandbytes Linear4bit or an nn.Linear, "
+        f"got {type(module).__name__}."
+    )

@@ -1,0 +1,45 @@
+"""The method registry: one line per method, ``name -> "module:Class"`` (imported lazily).
+
+Adding a method takes one file in ``methods/`` and one line here (README, "Adding a method").
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import ConfigError, did_you_mean
+
+REGISTRY: dict[str, str] = {
+    "lora": "methods.lora:LoRA",
+    "qlora": "methods.qlora:QLoRA",
+    "qalora": "methods.qalora:QALoRA",
+    "loftq": "methods.loftq:LoftQ",
+    "qbara": "methods.qbara:QBaRA",
+    "qahira": "methods.qahira:QAHiRA",
+    "qahira-ref": "methods.qahira:QAHiRARef",
+    "peqa": "methods.peqa:PEQA",
+}
+
+
+def names() -> list[str]:
+    """Registered method names."""
+    return list(REGISTRY)
+
+
+def register(name: str, target: str | type) -> None:
+    """Register a method from outside the package: ``register("mine", "mypkg.mine:Mine")``."""
+    REGISTRY[name] = target if isinstance(target, str) else f"{target.__module__}:{target.__qualname__}"
+
+
+def get(name: str) -> type:
+    """The method class registered under ``name``."""
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown method {name!r}.{did_you_mean(name, REGISTRY)} "
+                          f"Registered methods: {', '.join(REGISTRY)}.")
+    module, _, cls = REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build(name: str, **hyperparameters: Any):
+    """Build a method: ``build("qalora", rank=64, alpha=16, bits=4, group_size=32)``."""
+    return get(name)(**hyperparameters)

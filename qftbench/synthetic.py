@@ -1,0 +1,295 @@
+"""The embedded default data: a world of fictional facts, generated from a seed (nothing is downloaded).
+
+A pretrained model cannot know these facts (the names are generated from syllables and each value is
+drawn from a pool of equally plausible words), so before fine-tuning a model answers the four-choice
+questions at chance (25 %); after a short fine-tune on the training records it should answer most of
+them. That makes the task a cheap, CPU-sized signal that fine-tuning (with any quantization method)
+actually taught the model something.
+
+* :func:`generate_world` draws ``n_entities`` fictional entities (guilds, inventors, islands,
+  musicians, ships, festivals), each with one fact (metal, invention, fruit, instrument, sail color,
+  month). Values are assigned in shuffled rounds over each relation's pool, so every value is used
+  about equally often and no answer can be guessed from a prior over the pool.
+* :func:`training_records` renders each fact as Alpaca records ``{instruction, input, output}`` with
+  several question phrasings (``TRAIN_TEMPLATES``), the output being a full answer sentence.
+* :func:`eval_items` renders each fact as an MMLU-style four-choice question with a HELD-OUT phrasing
+  (``EVAL_TEMPLATES``, never used for training); the three distractors come from the same relation's
+  pool, and the correct answer's position is balanced over A-D.
+* :func:`write_synthetic` writes ``train.json`` (Alpaca format), ``eval.jsonl`` and ``manifest.json``
+  atomically; the same arguments always give byte-identical files.
+
+Randomness uses ``random.Random(seed)`` only (stable across Python versions and platforms).
+The default world (60 facts x 4 phrasings = 240 records) is small enough for a few hundred CPU training
+steps of a 135M model; ``n_entities`` and ``phrasings_per_fact`` tune it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "GENERATOR_VERSION",
+    "RELATIONS",
+    "TRAIN_TEMPLATES",
+    "EVAL_TEMPLATES",
+    "DEFAULT_N_ENTITIES",
+    "max_entities",
+    "generate_world",
+    "training_records",
+    "eval_items",
+    "write_synthetic",
+]
+
+GENERATOR_VERSION = 1
+DEFAULT_N_ENTITIES = 60
+DEFAULT_PHRASINGS = 4
+
+# relation -> attribute pool (all values of one relation are the same kind of word)
+RELATIONS: dict[str, list[str]] = {
+    "guild_metal": ["copper", "tin", "silver", "gold", "iron", "zinc", "nickel", "cobalt", "lead", "platinum"],
+    "inventor_device": ["lantern", "compass", "loom", "telescope", "sundial", "kite", "abacus", "bellows",
+                        "pulley", "barometer"],
+    "island_fruit": ["apples", "pears", "plums", "figs", "lemons", "cherries", "grapes", "melons", "peaches",
+                     "oranges"],
+    "musician_instrument": ["violin", "cello", "harp", "flute", "oboe", "trumpet", "piano", "drum", "lute",
+                            "clarinet"],
+    "ship_sail_color": ["red", "blue", "green", "yellow", "black", "white", "purple", "orange", "grey",
+                        "brown"],
+    "festival_month": ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+                       "October", "November", "December"],
+}
+
+# The answer sentence used as the training output.
+ANSWER_TEMPLATES: dict[str, str] = {
+    "guild_metal": "The {name} guild is known for smelting {value}.",
+    "inventor_device": "The inventor {name} invented the {value}.",
+    "island_fruit": "The island of {name} is known for growing {value}.",
+    "musician_instrument": "The musician {name} plays the {value}.",
+    "ship_sail_color": "The ship {name} has {value} sails.",
+    "festival_month": "The {name} festival is held in {value}.",
+}
+
+# Phrasings used for training (the first ``phrasings_per_fact`` of each list are used).
+TRAIN_TEMPLATES: dict[str, list[str]] = {
+    "guild_metal": [
+        "Which metal is the {name} guild known for smelting?",
+        "What metal does the {name} guild smelt?",
+        "The {name} guild is famous for smelting which metal?",
+        "Name the metal that the {name} guild smelts.",
+        "Tell me which metal the {name} guild smelts.",
+    ],
+    "inventor_device": [
+        "What did the inventor {name} invent?",
+        "Which device was invented by {name}?",
+        "{name} is remembered as the inventor of which device?",
+        "Name the device that the inventor {name} created.",
+        "Tell me what {name} invented.",
+    ],
+    "island_fruit": [
+        "Which fruit is grown on the island of {name}?",
+        "What fruit do farmers grow on {name} island?",
+        "The island of {name} is known for growing which fruit?",
+        "Name the fruit that grows on the island of {name}.",
+        "Tell me which fruit is grown on {name}.",
+    ],
+    "musician_instrument": [
+        "Which instrument does the musician {name} play?",
+        "What instrument is {name} famous for playing?",
+        "The musician {name} plays which instrument?",
+        "Name the instrument played by the musician {name}.",
+        "Tell me which instrument {name} plays.",
+    ],
+    "ship_sail_color": [
+        "What color are the sails of the ship {name}?",
+        "The ship {name} has sails of which color?",
+        "Which color are the sails of the {name}?",
+        "Name the color of the sails on the ship {name}.",
+        "Tell me the sail color of the ship {name}.",
+    ],
+    "festival_month": [
+        "In which month is the {name} festival held?",
+        "When is the {name} festival celebrated?",
+        "The {name} festival takes place in which month?",
+        "Name the month of the {name} festival.",
+        "Tell me when the {name} festival is held.",
+    ],
+}
+
+# Held-out phrasings, used only for evaluation questions.
+EVAL_TEMPLATES: dict[str, list[str]] = {
+    "guild_metal": [
+        "Members of the {name} guild spend their days working with which metal?",
+        "If you visited the forges of the {name} guild, which metal would you see being smelted?",
+    ],
+    "inventor_device": [
+        "Historians credit {name} with inventing which of these devices?",
+        "Which of these devices would a museum display as the work of {name}?",
+    ],
+    "island_fruit": [
+        "The orchards of {name} are full of which fruit?",
+        "A traveller returning from {name} would most likely bring back which fruit?",
+    ],
+    "musician_instrument": [
+        "At concerts, {name} always performs on which instrument?",
+        "If you heard {name} rehearsing, which instrument would you hear?",
+    ],
+    "ship_sail_color": [
+        "Sailors recognise the {name} from afar by its sails of which color?",
+        "Looking at the {name} in the harbour, what color would its sails be?",
+    ],
+    "festival_month": [
+        "To attend the {name} festival, in which month should you travel?",
+        "People gather for the {name} festival during which month?",
+    ],
+}
+
+_ONSETS = ["Kel", "Dro", "Thes", "Val", "Mor", "Quen", "Zar", "Bry", "Ost", "Fen", "Gal", "Hal", "Ix", "Jor",
+           "Lun", "Nim", "Pra", "Ryl", "Sev", "Tor", "Ul", "Vex", "Wyn", "Yst"]
+_MIDDLES = ["va", "ri", "do", "ma", "ne", "lo", "ka", "thi", "su", "be"]
+_CODAS = ["ri", "mund", "dor", "wyn", "eth", "ian", "ora", "ix", "ell", "ost", "ara", "een"]
+
+
+def max_entities() -> int:
+    """The largest ``n_entities`` the name generator supports."""
+    return len(_ONSETS) * len(_MIDDLES) * len(_CODAS)
+
+
+def generate_world(seed: int = 0, n_entities: int = DEFAULT_N_ENTITIES) -> dict[str, Any]:
+    """A deterministic world of ``n_entities`` fictional facts.
+
+    Returns ``{"seed", "n_entities", "version", "facts": [{"id", "entity", "relation", "value"}]}``.
+    Entities are spread evenly over the relations; names are unique.
+    """
+    if not isinstance(n_entities, int) or isinstance(n_entities, bool) or not 1 <= n_entities <= max_entities():
+        raise ValueError(f"n_entities must be an integer in 1..{max_entities()}, got {n_entities!r}.")
+    rng = random.Random(f"qftbench-synthetic-world:{int(seed)}")
+    combos = [o + m + c for o in _ONSETS for m in _MIDDLES for c in _CODAS]
+    names = rng.sample(combos, n_entities)
+    relations = list(RELATIONS)
+    rng.shuffle(relations)
+    # value rounds: each relation walks through a fresh shuffle of its pool
+    queues: dict[str, list[str]] = {r: [] for r in relations}
+    facts = []
+    for i, name in enumerate(names):
+        rel = relations[i % len(relations)]
+        if not queues[rel]:
+            pool = list(RELATIONS[rel])
+            rng.shuffle(pool)
+            queues[rel] = pool
+        facts.append({"id": i, "entity": name, "relation": rel, "value": queues[rel].pop()})
+    return {"seed": int(seed), "n_entities": n_entities, "version": GENERATOR_VERSION, "facts": facts}
+
+
+def training_records(world: dict[str, Any], phrasings_per_fact: int = DEFAULT_PHRASINGS,
+                     shuffle: bool = True) -> list[dict[str, str]]:
+    """Alpaca records ``{instruction, input, output}``: each fact asked in ``phrasings_per_fact`` ways.
+
+    The output is the full answer sentence (e.g. "The Kelvari guild is known for smelting cobalt.").
+    ``shuffle`` orders the records deterministically from the world's seed.
+    """
+    n_max = min(len(t) for t in TRAIN_TEMPLATES.values())
+    if not 1 <= phrasings_per_fact <= n_max:
+        raise ValueError(f"phrasings_per_fact must be in 1..{n_max}, got {phrasings_per_fact!r}.")
+    records = []
+    for fact in world["facts"]:
+        rel, name, value = fact["relation"], fact["entity"], fact["value"]
+        answer = ANSWER_TEMPLATES[rel].format(name=name, value=value)
+        for template in TRAIN_TEMPLATES[rel][:phrasings_per_fact]:
+            records.append({"instruction": template.format(name=name), "input": "", "output": answer})
+    if shuffle:
+        random.Random(f"qftbench-synthetic-train:{world['seed']}").shuffle(records)
+    return records
+
+
+def eval_items(world: dict[str, Any], per_fact: int = 1) -> list[dict[str, Any]]:
+    """MMLU-style items ``{"question", "choices": [4 str], "answer": 0-3, "subject"}``, held-out phrasings.
+
+    ``per_fact`` questions per fact (different held-out phrasings, up to ``len(EVAL_TEMPLATES[rel])``).
+    Distractors are three other values of the same relation's pool. The correct position is balanced:
+    the counts of answers 0, 1, 2, 3 differ by at most one.
+    """
+    n_max = min(len(t) for t in EVAL_TEMPLATES.values())
+    if not 1 <= per_fact <= n_max:
+        raise ValueError(f"per_fact must be in 1..{n_max}, got {per_fact!r}.")
+    rng = random.Random(f"qftbench-synthetic-eval:{world['seed']}")
+    raw = []
+    for fact in world["facts"]:
+        rel = fact["relation"]
+        templates = EVAL_TEMPLATES[rel]
+        for k in range(per_fact):
+            # rotate the held-out phrasings over facts so both are used
+            template = templates[(fact["id"] + k) % len(templates)]
+            distractors = rng.sample([v for v in RELATIONS[rel] if v != fact["value"]], 3)
+            raw.append((fact, template, distractors))
+    positions = [i % 4 for i in range(len(raw))]
+    rng.shuffle(positions)
+    items = []
+    for (fact, template, distractors), pos in zip(raw, positions):
+        choices = list(distractors)
+        choices.insert(pos, fact["value"])
+        items.append({
+            "question": template.format(name=fact["entity"]),
+            "choices": choices,
+            "answer": pos,
+            "subject": fact["relation"],
+        })
+    return items
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_synthetic(out_dir: str | os.PathLike, seed: int = 0, n_entities: int = DEFAULT_N_ENTITIES,
+                    phrasings_per_fact: int = DEFAULT_PHRASINGS, eval_per_fact: int = 1) -> dict[str, Any]:
+    """Write ``train.json`` (Alpaca list), ``eval.jsonl`` and ``manifest.json`` into ``out_dir``.
+
+    Each file is written to a temporary name and renamed into place; the manifest is written last, so its
+    presence means the data files are complete. Returns the manifest: seed, counts, answer-position
+    counts, the generator version and each file's sha256. The same arguments give byte-identical files.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world = generate_world(seed, n_entities)
+    train = training_records(world, phrasings_per_fact)
+    items = eval_items(world, eval_per_fact)
+    train_text = json.dumps(train, indent=1, ensure_ascii=False) + "\n"
+    eval_text = "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items)
+    _atomic_write(out / "train.json", train_text)
+    _atomic_write(out / "eval.jsonl", eval_text)
+    manifest = {
+        "generator": "qftbench.synthetic",
+        "version": GENERATOR_VERSION,
+        "seed": int(seed),
+        "n_entities": n_entities,
+        "n_facts": len(world["facts"]),
+        "phrasings_per_fact": phrasings_per_fact,
+        "eval_per_fact": eval_per_fact,
+        "n_train": len(train),
+        "n_eval": len(items),
+        "answer_counts": [Counter(it["answer"] for it in items).get(k, 0) for k in range(4)],
+        "relations": dict(sorted(Counter(f["relation"] for f in world["facts"]).items())),
+        "files": {
+            "train.json": hashlib.sha256(train_text.encode("utf-8")).hexdigest(),
+            "eval.jsonl": hashlib.sha256(eval_text.encode("utf-8")).hexdigest(),
+        },
+    }
+    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
