@@ -162,7 +162,8 @@ class Method:
     # ------------------------------------------------------------------------------------ targets
     def target_layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The linear layers this method adapts: every ``nn.Linear`` except the output head, or ``targets``."""
-        if any(isinstance(m, AdapterLinear) for m in model.modules()) or getattr(model, "qft_method", None):
+        if (any(isinstance(m, AdapterLinear) for m in model.modules()) or getattr(model, "qft_method", None)
+                or getattr(model, "qft_base", None)):
             raise ConfigError("this model was already prepared by a method "
                               f"({getattr(getattr(model, 'qft_method', None), 'name', '?')}); prepare a fresh model.")
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -212,6 +213,21 @@ class Method:
     def prepare(self, model: nn.Module, calibration: Iterable[torch.Tensor] | None = None,
                 adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
         """Quantize the base, inject the adapters, freeze all but the adapters. Modifies ``model`` in place."""
+        return self.inject(self.quantize(model, calibration), adapter_dtype)
+
+    def base_key(self) -> dict[str, Any]:
+        """What determines the frozen base this method builds (runs with equal keys share one base)."""
+        s = self.scheme()
+        key = {"scheme": dataclasses.asdict(s) if s else None, "targets": self.hp.get("targets", "all-linear")}
+        if s is not None and s.kind == "int":
+            key["quantizer"] = self.hp.get("quantizer", "rtn")
+        return key
+
+    def quantize(self, model: nn.Module, calibration: Iterable[torch.Tensor] | None = None) -> nn.Module:
+        """Check every target layer, then replace it by its frozen (quantized) base. In place.
+
+        The layer names are kept in ``model.qft_base`` so that :meth:`inject` (possibly after the base was
+        saved and loaded again with :func:`methods.base_io.load_quantized_base`) finds them."""
         layers = self.check_model(model)
         if self.hp.get("quantizer") == "gptq" and calibration is None:
             raise ConfigError(f"{self.name}: quantizer='gptq' needs calibration data: "
@@ -220,7 +236,23 @@ class Method:
         model.requires_grad_(False)
         bases = self.quantize_base(model, layers, calibration)
         for name, _ in layers:
-            _set_module(model, name, self.wrap_layer(name, bases[name], adapter_dtype))
+            _set_module(model, name, bases[name])
+        model.qft_base = {"method": self.name, "key": self.base_key(), "layers": [n for n, _ in layers]}
+        return model
+
+    def inject(self, model: nn.Module, adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
+        """Wrap every base layer recorded by :meth:`quantize` with this method's adapter. In place."""
+        info = getattr(model, "qft_base", None)
+        if info is None:
+            raise ConfigError(f"{self.name}: inject() needs a model quantized by quantize() (or prepare() it).")
+        if info["key"] != self.base_key():
+            raise ConfigError(f"{self.name}: the model's base was built for {info['method']} with {info['key']}, "
+                              f"not for this method's base {self.base_key()}.")
+        if getattr(model, "qft_method", None) is not None:
+            raise ConfigError("this model already has adapters; prepare a fresh model.")
+        model.requires_grad_(False)
+        for name in info["layers"]:
+            _set_module(model, name, self.wrap_layer(name, model.get_submodule(name), adapter_dtype))
         model.qft_method = self
         return model
 
@@ -257,7 +289,7 @@ class Method:
                     lin.bias.data.copy_(bias.detach())
                 lin.requires_grad_(False)
                 _set_module(model, name, lin)
-        model.qft_merged = self.deploy
+        model.qft_merged = "fp16-merge"
         model.qft_method = None
         return model
 

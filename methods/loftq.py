@@ -92,6 +92,10 @@ class LoftQ(Method):
     def geometry(self):
         return Geometry(p=1, q=1, rank=self.hp["rank"], init="loftq")
 
+    def base_key(self):
+        # LoftQ's base depends on the adapter initialisation: every hyperparameter except dropout counts
+        return {**super().base_key(), **{k: v for k, v in self.hp.items() if k != "dropout"}}
+
     def quantize_base(self, model, layers, calibration):
         self._init = {}
         self.loftq_report = {}
@@ -114,7 +118,11 @@ class LoftQ(Method):
                                 scaling=self.scaling, dropout=self.hp["dropout"], init="kaiming",
                                 dtype=adapter_dtype, generator=layer_generator(self.hp["seed"], name),
                                 layer_name=name)
-        a, b = self._init.pop(name)
+        init = getattr(self, "_init", {})
+        if name not in init:
+            raise ConfigError(f"loftq: no LoftQ initialisation for layer {name}; quantize the model with this "
+                              "method (or load a base saved together with its LoftQ initialisation).")
+        a, b = init.pop(name)
         adapter.A.data.copy_(a)
         adapter.B.data.copy_(b)
         return AdapterLinear(base, adapter)

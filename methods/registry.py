@@ -18,6 +18,7 @@ REGISTRY: dict[str, str] = {
     "qahira": "methods.qahira:QAHiRA",
     "qahira-ref": "methods.qahira:QAHiRARef",
     "peqa": "methods.peqa:PEQA",
+    "base": "methods.untuned:Base",
 }
 
 

@@ -44,6 +44,60 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _cfg(args):
+    from . import config as C
+
+    return C.load(args.config, overrides=args.set or [])
+
+
+def cmd_validate(args) -> int:
+    from . import config as C
+    from . import pipeline as P
+
+    cfg = _cfg(args)
+    print(f"{args.config}: valid. run_id={C.run_id(cfg)}\n  run folder: {P.run_dir(cfg)}\n"
+          f"  base:       {P.base_dir(cfg)}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from . import pipeline as P
+
+    print(P.prepare_step(_cfg(args)))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from . import pipeline as P
+
+    print(P.finetune_step(_cfg(args), stop_after=args.stop_after))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from . import pipeline as P
+
+    cfg = _cfg(args)
+    tasks = args.tasks.split(",") if args.tasks else None
+    print(P.evaluate_step(cfg, args.mode, tasks, args.num_fewshot))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from . import pipeline as P
+
+    rd = P.run_all(_cfg(args))
+    print(rd)
+    print(json.dumps(json.loads((rd / "metrics.json").read_text()), indent=1)[:4000])
+    return 0
+
+
+def _add_config(s):
+    s.add_argument("--config", required=True, help="a run config (YAML), see config/run.example.yaml")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set method.rank=8 --set train.max_steps=20")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="qftbench", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -56,13 +110,35 @@ def main(argv=None) -> int:
     s.add_argument("--methods", default=None, help="comma-separated subset, default: all")
     s.add_argument("--threads", type=int, default=0)
     s.set_defaults(func=cmd_demo)
+    s = sub.add_parser("validate", help="check a run config and print its run id and folders")
+    _add_config(s)
+    s.set_defaults(func=cmd_validate)
+    s = sub.add_parser("prepare", help="load the model, make the data and the quantized base (cached)")
+    _add_config(s)
+    s.set_defaults(func=cmd_prepare)
+    s = sub.add_parser("finetune", help="fine-tune one run (resumes from its last checkpoint)")
+    _add_config(s)
+    s.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (smoke tests)")
+    s.set_defaults(func=cmd_finetune)
+    s = sub.add_parser("evaluate", help="evaluate a finished run with lm-eval in a deployment mode")
+    _add_config(s)
+    s.add_argument("--mode", default="deploy", help="deploy | 4+16 | int-merge | fp16-merge | requant | base")
+    s.add_argument("--tasks", default=None, help="comma-separated task names (default: eval.tasks)")
+    s.add_argument("--num-fewshot", type=int, default=None)
+    s.set_defaults(func=cmd_evaluate)
+    s = sub.add_parser("run", help="prepare, finetune and evaluate one run config")
+    _add_config(s)
+    s.set_defaults(func=cmd_run)
+    from .cli_account import add_parser as add_account
+
+    add_account(sub)
     args = p.parse_args(argv)
     try:
         return args.func(args)
     except Exception as e:  # clear one-line errors for the library's own error types
         from methods.errors import QFTError
 
-        if isinstance(e, QFTError):
+        if isinstance(e, (QFTError, FileNotFoundError)):
             print(f"qftbench: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -219,12 +219,15 @@ def eval_items(world: dict[str, Any], per_fact: int = 1) -> list[dict[str, Any]]
         raise ValueError(f"per_fact must be in 1..{n_max}, got {per_fact!r}.")
     rng = random.Random(f"qftbench-synthetic-eval:{world['seed']}")
     raw = []
+    seen: Counter[str] = Counter()
     for fact in world["facts"]:
         rel = fact["relation"]
         templates = EVAL_TEMPLATES[rel]
+        j = seen[rel]  # index of this fact within its relation
+        seen[rel] += 1
         for k in range(per_fact):
-            # rotate the held-out phrasings over facts so both are used
-            template = templates[(fact["id"] + k) % len(templates)]
+            # rotate the held-out phrasings over the relation's facts so all of them are used
+            template = templates[(j + k) % len(templates)]
             distractors = rng.sample([v for v in RELATIONS[rel] if v != fact["value"]], 3)
             raw.append((fact, template, distractors))
     positions = [i % 4 for i in range(len(raw))]

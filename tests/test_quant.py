@@ -76,7 +76,16 @@ def test_nf_codebook_shape_and_values(bits):
     torch.testing.assert_close(cb.double(), reference_codebook(bits), rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("shape", [(64, 128), (33, 70), (7, 9), (3, 5)])
+def bnb_reference_dequantize_4bit(packed, absmax, shape):
+    """bitsandbytes' own plain-torch dequantization (default backend), not its native CPU kernel, which is wrong
+    for in_features % 16 == 0 but % 64 != 0 in bitsandbytes 0.50.2."""
+    from bitsandbytes.backends.default import ops
+
+    fn = getattr(ops._dequantize_4bit_compute, "__wrapped__", ops._dequantize_4bit_compute)  # skip torch.compile
+    return fn(packed.reshape(-1), absmax, BF.get_4bit_type("nf4", device="cpu"), 64, shape, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (33, 70), (7, 9), (3, 5), (96, 96), (2, 160)])
 def test_nf4_codes_and_dequant_equal_bitsandbytes(shape):
     w = rand_w(*shape, seed=sum(shape))
     codes, absmax = nf_quantize(w, 4, blocksize=64)
@@ -87,9 +96,11 @@ def test_nf4_codes_and_dequant_equal_bitsandbytes(shape):
     assert torch.equal(codes.reshape(-1), bnb_unpack_nf4(packed, w.numel()))
     assert torch.equal(absmax, qs.absmax)
     ours = nf_dequantize(codes, absmax, 4, 64)
-    theirs = BF.dequantize_4bit(packed, qs)
+    theirs = bnb_reference_dequantize_4bit(packed, qs.absmax, shape)
     assert ours.shape == w.shape
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    if shape[1] % 64 == 0 or shape[1] % 16:  # shapes where bnb's native CPU kernel is right
+        torch.testing.assert_close(ours, BF.dequantize_4bit(packed, qs), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -212,14 +223,15 @@ def test_int_at_most_2k_distinct_values_per_block(bits, blk):
     blocks = deq.reshape(32 // to, to, 64 // ti, ti).permute(0, 2, 1, 3).reshape(-1, to * ti)
     counts = [b.unique().numel() for b in blocks]
     assert max(counts) <= 2**bits
-    assert max(counts) == min(2**bits, to * ti)  # random weights use the whole grid somewhere
+    assert max(counts) > 2 ** (bits - 1)  # not degenerate: random weights use most of the grid
 
 
 # ---------------------------------------------------------------------------------------------- QuantLinear
 
 LINEAR_SCHEMES = [
     QuantScheme("int", 4, group_size=32), QuantScheme("int", 3, tile=(8, 4)), QuantScheme("int", 2, group_size=16),
-    QuantScheme("int", 8, group_size=64), QuantScheme("nf", 4), QuantScheme("nf", 3), QuantScheme("nf", 2, blocksize=48),
+    QuantScheme("int", 8, group_size=64), QuantScheme("nf", 4), QuantScheme("nf", 3),
+    QuantScheme("nf", 2, blocksize=48),
 ]
 
 
@@ -277,7 +289,7 @@ def test_quantlinear_state_dict_roundtrip(scheme, bias):
     x = torch.randn(4, 64)
     assert torch.equal(skel(x), m(x))
     with pytest.raises(RuntimeError, match="size mismatch"):
-        QuantLinear(32, 40, scheme, bias=bias).load_state_dict(sd)
+        QuantLinear(128, 40, scheme, bias=bias).load_state_dict(sd)
 
 
 def test_from_quantized_equals_from_linear_and_checks_inputs():
@@ -327,6 +339,9 @@ def test_scale_delta_is_the_only_trainable_parameter_and_merges_exactly():
         delta.add_(torch.randn_like(delta) * 1e-3)
     x = torch.randn(5, 32)
     y_before = m(x).detach()
+    m.scale_delta_disabled = True  # frozen base, as methods.adapter.disabled_adapters does
+    torch.testing.assert_close(m(x), F.linear(x, scheme.fake_quant(lin.weight), lin.bias.detach()))
+    m.scale_delta_disabled = False
     m.merge_scale_delta()
     assert list(m.parameters()) == [] and m.scale_delta is None
     torch.testing.assert_close(m(x), y_before, rtol=0, atol=1e-6)
@@ -355,7 +370,8 @@ def test_scale_training_needs_int_kind(scheme):
 
 # ---------------------------------------------------------------------------------------------- bitsandbytes NF4
 
-@pytest.mark.parametrize("shape", [(96, 128), (100, 64)])  # 100 outputs: not a multiple of 32
+@pytest.mark.parametrize("shape", [(96, 128), (100, 64), (64, 96)])  # 100 outputs: not a multiple of 32;
+# 96 inputs: bitsandbytes' native CPU dequantization kernel is wrong there, the module must not use it
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bnb_linear4bit_is_nf4_double_quant_block64(shape, dtype):
     scheme = QuantScheme("bnb-nf4", 4)
@@ -379,6 +395,8 @@ def test_bnb_linear4bit_is_nf4_double_quant_block64(shape, dtype):
     plain = nf_fake_quant(w, 4, 64)
     assert not torch.equal(fq, plain)
     assert (fq - plain).abs().max() < 0.02 * w.abs().max()
+    err_bnb, err_plain = ((fq - w.float()).norm() / w.float().norm()), ((plain - w.float()).norm() / w.float().norm())
+    assert abs(err_bnb - err_plain) < 0.05 * err_plain
     x = torch.randn(2, 3, shape[1], generator=torch.Generator().manual_seed(2)).to(dtype)
     ref = F.linear(x, fq.to(dtype), lin.bias.detach().to(dtype))
     torch.testing.assert_close(m(x), ref)  # training mode
@@ -417,7 +435,7 @@ def test_stored_bits_per_param_formula(scheme, shape, expected):
 
 @pytest.mark.parametrize("scheme", LINEAR_SCHEMES + [QuantScheme("bnb-nf4", 4)], ids=lambda s: s.label())
 def test_stored_bits_per_param_counts_what_the_module_stores(scheme):
-    d_out, d_in = 40, 96
+    d_out, d_in = 40, 128
     m = scheme.make_linear(linear_from(rand_w(d_out, d_in), bias=False))
     if scheme.kind == "bnb-nf4":
         qs = m.weight.quant_state
@@ -480,7 +498,7 @@ def test_shape_error_smollm2_hidden_576_group_128():
 @pytest.mark.parametrize("scheme,shape,message", [
     (QuantScheme("int", 4, tile=(8, 4)), (100, 64),
      r"layer L with weight shape \(out=100, in=64\): out=100 is not divisible by tile_out=8 \(tile=\(8, 4\)\); "
-     r"choose a tile_out that divides every target layer's out-features, e.g\. 2, 4, 50"),
+     r"choose a tile_out that divides every target layer's out-features, e.g\. 2, 4, 10"),
     (QuantScheme("int", 2, tile=(8, 4)), (64, 30),
      r"in=30 is not divisible by tile_in=4 \(tile=\(8, 4\)\); choose a tile_in .* e\.g\. 2, 5"),
     (QuantScheme("int", 3, group_size=32), (64, 48), r"in=48 is not divisible by group_size=32; .* e\.g\. 8, 16, 48"),
@@ -529,3 +547,17 @@ def test_quantize_all_projections_of_tiny_llama(tiny_model, scheme):
         out = tiny_model(ids).logits
     rel = (out - ref).norm() / ref.norm()
     assert 0 < rel < 0.2
+
+
+def test_bnb_module_backward_and_torch_save_roundtrip(tmp_path):
+    w = rand_w(32, 96, seed=13)
+    lin = linear_from(w)
+    m = to_linear4bit(lin, torch.float32)
+    x = torch.randn(4, 96, requires_grad=True)
+    m(x).sum().backward()
+    torch.testing.assert_close(x.grad, bnb_nf4_fake_quant(w).sum(0).expand(4, 96))
+    torch.save(m, tmp_path / "m.pt")
+    m2 = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert isinstance(m2, bnb.nn.Linear4bit)
+    with torch.no_grad():
+        assert torch.equal(m2(x), m(x))

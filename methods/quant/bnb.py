@@ -3,15 +3,20 @@
 ``quant_type="nf4"`` and ``compress_statistics=True`` are always set explicitly (the library defaults to fp4),
 ``blocksize=64``; the absmax of every block is itself quantized to 8 bits in nested blocks of 256.
 
-CPU note: on CPUs with AVX512-BF16, bitsandbytes' ``Linear4bit`` repacks its weight on the first forward in
-eval mode without grad, un-nests the absmax and rounds it to bfloat16 (and asserts ``out_features % 32 == 0``).
-That changes the numerics relative to the GPU path and breaks layers like 100 outputs, so modules made here turn
-it off (``support_avx512bf16_for_cpu = False``): the forward is then always ``F.linear`` with exactly the weight
-that :func:`dequantize_linear4bit` returns. :func:`dequantize_linear4bit` also reads modules already repacked.
+Two CPU problems of bitsandbytes 0.50.2 are worked around here (GPU behaviour is unchanged):
+
+1. Its native CPU ``dequantize_4bit`` kernel (used by ``bnb.functional.dequantize_4bit`` and by the
+   ``Linear4bit`` forward) returns wrong weights when the last dimension is a multiple of 16 but not of 64
+   (in_features 32, 96, 160, ...) and there is more than one row: a quantization block that straddles two rows is
+   scaled with the wrong absmax (relative weight error ~0.27 instead of ~0.09). :func:`dequantize_linear4bit`
+   and :func:`bnb_nf4_fake_quant` therefore dequantize in plain torch (NF4 table lookup, nested absmax
+   ``code2[q_absmax] * absmax2 + offset``, exactly what the CUDA kernels compute), and the module made by
+   :func:`to_linear4bit` is a ``Linear4bit`` subclass whose forward on CPU is ``F.linear`` with that weight.
+2. On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight on the first eval/no-grad forward, un-nests the
+   absmax and rounds it to bfloat16 (and asserts ``out_features % 32 == 0``). Modules made here turn that off
+   (``support_avx512bf16_for_cpu = False``); :func:`dequantize_linear4bit` still reads repacked modules.
 """
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import nn
@@ -36,13 +41,49 @@ def _check_blocksize(blocksize: int) -> None:
         )
 
 
+def _linear4bit_cls():
+    """``Linear4bit`` with a CPU forward that uses the correct dequantization (see module docstring)."""
+    global _CPU_SAFE_LINEAR4BIT
+    if _CPU_SAFE_LINEAR4BIT is None:
+        bnb = _bnb()
+
+        class Linear4bitNF4(bnb.nn.Linear4bit):
+            """bitsandbytes ``Linear4bit`` (NF4 + double quantization); on CPU the forward is
+            ``F.linear(x, dequantize_linear4bit(self), bias)`` in the compute dtype."""
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                if x.device.type != "cpu":
+                    return super().forward(x)
+                in_dtype = x.dtype
+                dtype = self.compute_dtype or x.dtype
+                w = dequantize_linear4bit(self).to(dtype)
+                b = None if self.bias is None else self.bias.to(dtype)
+                return torch.nn.functional.linear(x.to(dtype), w, b).to(in_dtype)
+
+        Linear4bitNF4.__module__ = __name__
+        Linear4bitNF4.__qualname__ = "Linear4bitNF4"
+        _CPU_SAFE_LINEAR4BIT = Linear4bitNF4
+    return _CPU_SAFE_LINEAR4BIT
+
+
+_CPU_SAFE_LINEAR4BIT = None
+
+
+def __getattr__(name: str):
+    # ``methods.quant.bnb.Linear4bitNF4`` exists once asked for (bitsandbytes is imported lazily); this also
+    # lets pickle / torch.save find the class.
+    if name == "Linear4bitNF4":
+        return _linear4bit_cls()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def to_linear4bit(linear: nn.Linear, compute_dtype: torch.dtype | None = None, *, blocksize: int = 64) -> nn.Module:
     """A frozen ``bnb.nn.Linear4bit`` (NF4, double quantization, block 64) holding ``linear``'s weight and bias."""
     _check_blocksize(blocksize)
     bnb = _bnb()
     w = linear.weight.detach()
     has_bias = linear.bias is not None
-    module = bnb.nn.Linear4bit(
+    module = _linear4bit_cls()(
         linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
         compress_statistics=True, quant_type="nf4", device="meta",
     )
@@ -74,10 +115,34 @@ def _dequantize_cpu_packed(data: torch.Tensor, qs) -> torch.Tensor:
     return code[qw.long()] * absmax.repeat_interleave(qs.blocksize, dim=1)
 
 
+def _nested_absmax(qs) -> torch.Tensor:
+    """float32 absmax of every 4-bit block, undoing the double quantization when present."""
+    if not qs.nested:
+        return qs.absmax.float()
+    s2 = qs.state2
+    n = qs.absmax.numel()
+    scale2 = s2.absmax.float().repeat_interleave(s2.blocksize)[:n]
+    return s2.code.float()[qs.absmax.reshape(-1).long()] * scale2 + qs.offset.float()
+
+
+def _dequantize_nf4(packed: torch.Tensor, qs) -> torch.Tensor:
+    """Plain-torch ``dequantize_4bit``: float32 ``(D_out, D_in)`` (codes two per byte, first code high)."""
+    from bitsandbytes.functional import get_4bit_type
+
+    p = packed.reshape(-1)
+    if p.dtype != torch.uint8:
+        p = p.view(torch.uint8)
+    numel = 1
+    for d in qs.shape:
+        numel *= d
+    codes = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:numel]
+    table = get_4bit_type(qs.quant_type, device=p.device).float()
+    scale = _nested_absmax(qs).repeat_interleave(qs.blocksize)[:numel]
+    return (table[codes.long()] * scale).reshape(tuple(qs.shape))
+
+
 def dequantize_linear4bit(module: nn.Module) -> torch.Tensor:
     """float32 weight ``(D_out, D_in)`` that a bitsandbytes ``Linear4bit`` computes with (double quant included)."""
-    from bitsandbytes.functional import dequantize_4bit
-
     weight = module.weight
     qs = getattr(weight, "quant_state", None)
     if qs is None:
@@ -87,20 +152,17 @@ def dequantize_linear4bit(module: nn.Module) -> torch.Tensor:
         )
     if getattr(qs, "packing_format_for_cpu", False):
         return _dequantize_cpu_packed(weight.data, qs)
-    qs32 = copy.copy(qs)
-    qs32.dtype = torch.float32  # dequantize_4bit computes in float32 and would cast to the original dtype
-    return dequantize_4bit(weight.data, qs32).float().reshape(qs.shape)
+    return _dequantize_nf4(weight.data, qs)
 
 
 def bnb_nf4_fake_quant(w: torch.Tensor, *, blocksize: int = 64) -> torch.Tensor:
     """float32 weight that a ``Linear4bit`` (NF4, double quant, block 64) made from ``w`` dequantizes to."""
     _check_blocksize(blocksize)
-    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    from bitsandbytes.functional import quantize_4bit
 
     w = w.detach().contiguous()
     packed, qs = quantize_4bit(w, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
-    qs.dtype = torch.float32
-    return dequantize_4bit(packed, qs).float().reshape(w.shape)
+    return _dequantize_nf4(packed, qs).reshape(w.shape)
 
 
 def linear4bit_stored_bits(d_out: int, d_in: int, blocksize: int = 64) -> int:

@@ -14,7 +14,8 @@ dequantizes in the compute dtype (``compute_dtype`` if given, else the input's d
 
 PEQA: :meth:`QuantLinear.enable_scale_training` adds the only trainable parameter a QuantLinear can have,
 ``scale_delta`` (int kind), so that the effective scale is ``scales + scale_delta``;
-:meth:`QuantLinear.merge_scale_delta` folds it into ``scales``.
+:meth:`QuantLinear.merge_scale_delta` folds it into ``scales``. Setting the attribute ``scale_delta_disabled``
+to True runs the layer with the frozen ``scales`` (used by ``methods.adapter.disabled_adapters``).
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("codebook", nf_codebook(scheme.bits))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
         self.scale_delta = None
+        self.scale_delta_disabled = False  # True: run with the frozen scales (adapter.disabled_adapters)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -131,10 +133,13 @@ class QuantLinear(nn.Module):
         return unpack(self.qweight, self.scheme.bits, n).reshape(self.out_features, self.in_features)
 
     def effective_scales(self) -> torch.Tensor:
-        """``scales + scale_delta`` (int kind); differentiable in ``scale_delta``."""
+        """``scales + scale_delta`` (int kind); differentiable in ``scale_delta``. Just ``scales`` without a
+        ``scale_delta`` or while ``scale_delta_disabled`` is set."""
         if self.scheme.kind != "int":
             raise ConfigError(f"scheme kind {self.scheme.kind!r} has no scales; only kind='int' does.")
-        return self.scales if self.scale_delta is None else self.scales + self.scale_delta
+        if self.scale_delta is None or self.scale_delta_disabled:
+            return self.scales
+        return self.scales + self.scale_delta
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantized weight ``(D_out, D_in)`` computed in float32 and cast to ``dtype``."""

@@ -20,7 +20,9 @@ PACKABLE_BITS = (2, 3, 4, 8)
 
 def _check(bits: int) -> None:
     if bits not in PACKABLE_BITS:
-        raise ConfigError(f"bits={bits!r} cannot be packed; supported: {list(PACKABLE_BITS)}. Set bits to one of those.")
+        raise ConfigError(
+            f"bits={bits!r} cannot be packed; supported: {list(PACKABLE_BITS)}. Set bits to one of those."
+        )
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
@@ -38,7 +40,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return flat.clone()
     if n and int(flat.max()) >= 2**bits:
-        raise ConfigError(f"codes must be < 2^{bits}={2**bits} to be packed with bits={bits}; got max {int(flat.max())}.")
+        raise ConfigError(
+            f"codes must be < 2^{bits}={2**bits} to be packed with bits={bits}; got max {int(flat.max())}."
+        )
     if bits in (2, 4):
         per = 8 // bits
         pad = (-n) % per

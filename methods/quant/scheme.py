@@ -189,7 +189,8 @@ class QuantScheme:
     def label(self) -> str:
         """Short name, e.g. ``int4-g32``, ``int2-tile8x4``, ``nf3-b64``, ``bnb-nf4-dq-b64``."""
         if self.kind == "int":
-            return f"int{self.bits}-" + (f"g{self.group_size}" if self.group_size else f"tile{self.tile[0]}x{self.tile[1]}")
+            blk = f"g{self.group_size}" if self.group_size else f"tile{self.tile[0]}x{self.tile[1]}"
+            return f"int{self.bits}-{blk}"
         if self.kind == "nf":
             return f"nf{self.bits}-b{self.blocksize}"
         return f"bnb-nf4-dq-b{self.blocksize}"

@@ -1,0 +1,233 @@
+"""Run configs: one YAML/dict per fine-tuning run, validated against a schema before any compute.
+
+A run config has the sections ``model``, ``method``, ``data``, ``calibration``, ``train``, ``eval`` and
+``paths`` (see ``config/run.example.yaml``). :func:`resolve` fills the defaults, validates every field
+(unknown keys get a did-you-mean, the method's hyperparameters are checked by the method library) and checks
+combinations (e.g. an exact INT merge asked of a method with an NF4 base). :func:`run_id` derives the run's
+folder name from the training-relevant sections, so the same config always maps to the same run.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from methods.errors import ConfigError, did_you_mean
+
+DEPLOY_MODES = ("deploy", "4+16", "int-merge", "fp16-merge", "requant", "base")
+
+TRAIN_DEFAULTS = {
+    "max_steps": 10000, "batch_size": 16, "micro_batch_size": 4, "lr": 2e-4, "lr_scheduler": "constant",
+    "warmup_steps": 0, "max_grad_norm": 0.3, "weight_decay": 0.0, "optimizer": "paged_adamw_32bit",
+    "precision": "auto", "gradient_checkpointing": False, "save_steps": 200, "keep_checkpoints": 2,
+}
+
+DEFAULTS: dict[str, Any] = {
+    "model": {"name": "smollm2-135m", "dtype": "float32"},
+    "method": {"name": "qlora"},
+    "data": {"source": "synthetic", "path": None, "n": None, "holdout": 0, "seed": 0,
+             "source_max_len": 384, "target_max_len": 128,
+             "synthetic": {"seed": 0, "n_entities": None, "phrasings_per_fact": None}},
+    "calibration": {"source": None, "path": None, "n_samples": 128, "seq_len": 512, "seed": 0},
+    "train": TRAIN_DEFAULTS,
+    "eval": {"tasks": ["qft_synthetic"], "num_fewshot": {}, "limit": None, "batch_size": 8,
+             "data_root": None, "modes": ["deploy"], "seed": 1234},
+    "seed": 0,
+    "paths": {"results": "results", "scratch": "scratch", "cache": None},
+}
+
+_num = {"type": "number"}
+_int = {"type": "integer"}
+_str = {"type": "string"}
+_bool = {"type": "boolean"}
+_null = {"type": "null"}
+
+
+def _obj(props: dict, required=(), extra=False) -> dict:
+    return {"type": "object", "properties": props, "required": list(required), "additionalProperties": extra}
+
+
+SCHEMA = _obj({
+    "model": _obj({"name": _str, "dtype": {"enum": ["float32", "bfloat16", "float16", "auto"]}}, ["name"]),
+    "method": {"type": "object", "properties": {"name": _str}, "required": ["name"],
+               "additionalProperties": True},  # hyperparameters: checked by methods.build
+    "data": _obj({
+        "source": {"enum": ["synthetic", "alpaca", "flan_v2", "local"]},
+        "path": {"type": ["string", "null"]}, "n": {"type": ["integer", "null"], "minimum": 1},
+        "holdout": {"type": "integer", "minimum": 0}, "seed": _int,
+        "source_max_len": {"type": "integer", "minimum": 1}, "target_max_len": {"type": "integer", "minimum": 1},
+        "synthetic": _obj({"seed": _int, "n_entities": {"type": ["integer", "null"], "minimum": 1},
+                           "phrasings_per_fact": {"type": ["integer", "null"], "minimum": 1}}),
+    }),
+    "calibration": _obj({"source": {"type": ["string", "null"]}, "path": {"type": ["string", "null"]},
+                         "n_samples": {"type": "integer", "minimum": 1}, "seq_len": {"type": "integer", "minimum": 8},
+                         "seed": _int}),
+    "train": _obj({
+        "max_steps": {"type": "integer", "minimum": 1}, "batch_size": {"type": "integer", "minimum": 1},
+        "micro_batch_size": {"type": "integer", "minimum": 1}, "lr": {"type": "number", "exclusiveMinimum": 0},
+        "lr_scheduler": {"enum": ["constant", "linear", "cosine"]}, "warmup_steps": {"type": "integer", "minimum": 0},
+        "max_grad_norm": {"type": "number", "exclusiveMinimum": 0}, "weight_decay": {"type": "number", "minimum": 0},
+        "optimizer": {"enum": ["paged_adamw_32bit", "adamw_32bit", "adamw_torch"]},
+        "precision": {"enum": ["auto", "bf16", "fp16", "fp32"]}, "gradient_checkpointing": _bool,
+        "save_steps": {"type": "integer", "minimum": 1}, "keep_checkpoints": {"type": "integer", "minimum": 1},
+    }),
+    "eval": _obj({
+        "tasks": {"type": "array", "items": _str, "minItems": 1},
+        "num_fewshot": {"type": "object", "additionalProperties": {
+            "anyOf": [{"type": "integer", "minimum": 0},
+                      {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]}},
+        "limit": {"anyOf": [_null, {"type": "number", "exclusiveMinimum": 0},
+                            {"type": "object", "additionalProperties": {"type": "number", "exclusiveMinimum": 0}}]},
+        "batch_size": {"anyOf": [{"type": "integer", "minimum": 1}, {"enum": ["auto"]}]},
+        "data_root": {"type": ["string", "null"]},
+        "modes": {"type": "array", "items": {"enum": list(DEPLOY_MODES)}, "minItems": 1},
+        "seed": _int,
+    }),
+    "seed": _int,
+    "paths": _obj({"results": _str, "scratch": _str, "cache": {"type": ["string", "null"]}}),
+}, ["method"])
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "num_fewshot":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _schema_at(path) -> dict:
+    node = SCHEMA
+    for p in path:
+        if isinstance(p, int):
+            node = node.get("items", {})
+        else:
+            node = node.get("properties", {}).get(p, {})
+    return node
+
+
+def _explain(err: jsonschema.ValidationError, where: str) -> str:
+    path = ".".join(str(p) for p in err.absolute_path)
+    field = path or "(top level)"
+    if err.validator == "additionalProperties":
+        props = _schema_at(list(err.absolute_path)).get("properties", {})
+        extra = [k for k in err.instance if k not in props]
+        k = extra[0] if extra else "?"
+        full = f"{path}.{k}" if path else k
+        return (f"{where}: unknown key {full!r}.{did_you_mean(k, props)} "
+                f"Allowed keys{' in ' + path if path else ''}: {', '.join(sorted(props))}.")
+    if err.validator == "enum":
+        return (f"{where}: {field}={err.instance!r} is not allowed; choose one of {err.validator_value}."
+                + (did_you_mean(err.instance, err.validator_value) if isinstance(err.instance, str) else ""))
+    if err.validator == "required":
+        return f"{where}: {err.message} (in {field}); add it."
+    return f"{where}: {field}={err.instance!r}: {err.message}."
+
+
+def resolve(raw: dict | None, where: str = "config") -> dict:
+    """Defaults filled in and every field checked; raises :class:`ConfigError` naming field, value and fix."""
+    import methods
+
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: a run config must be a mapping, got {type(raw).__name__}.")
+    top = set(SCHEMA["properties"])
+    for k in raw:
+        if k not in top:
+            raise ConfigError(f"{where}: unknown key {k!r}.{did_you_mean(k, top)} Allowed keys: {', '.join(sorted(top))}.")
+    cfg = _merge(DEFAULTS, raw)
+    errors = sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError(_explain(errors[0], where))
+    hp = {k: v for k, v in cfg["method"].items() if k != "name"}
+    try:
+        method = methods.build(cfg["method"]["name"], **hp)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: method: {e}") from None
+    cfg["method"] = {"name": method.name, **method.hp}
+    _check_combinations(cfg, method, where)
+    return cfg
+
+
+def _check_combinations(cfg: dict, method, where: str) -> None:
+    from .train import TrainConfig
+
+    try:
+        TrainConfig(**cfg["train"], seed=cfg["seed"])
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    scheme = method.scheme()
+    for mode in cfg["eval"]["modes"]:
+        if mode == "int-merge" and method.deploy != "int-merge":
+            base = "a 16-bit" if scheme is None else f"an {scheme.kind} ({scheme.bits}-bit)"
+            raise ConfigError(
+                f"{where}: eval.modes contains 'int-merge' but method {method.name!r} has {base} base with no "
+                f"zero points to merge into. Use 'deploy' (= {method.deploy!r}) or 'fp16-merge', or an "
+                f"INT-merge method (qalora, qahira, qahira-ref, peqa).")
+        if mode == "4+16" and scheme is None:
+            raise ConfigError(f"{where}: eval.modes contains '4+16' but method {method.name!r} has no quantized "
+                              f"base. Use 'deploy' or 'fp16-merge'.")
+    if cfg["data"]["source"] == "local" and not cfg["data"]["path"]:
+        raise ConfigError(f"{where}: data.source='local' needs data.path (a local instruction JSON/JSONL file).")
+    if method.hp.get("quantizer") == "gptq" and cfg["calibration"]["n_samples"] < 1:
+        raise ConfigError(f"{where}: calibration.n_samples must be >= 1 for quantizer='gptq'.")
+    mb = cfg["train"]["micro_batch_size"]
+    if cfg["train"]["batch_size"] % mb:
+        raise ConfigError(f"{where}: train.batch_size={cfg['train']['batch_size']} is not a multiple of "
+                          f"train.micro_batch_size={mb}.")
+
+
+def apply_override(raw: dict, item: str) -> dict:
+    """Apply ``section.key=value`` (value parsed as YAML) to a raw config."""
+    key, eq, value = item.partition("=")
+    if not eq or not key:
+        raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. method.rank=8).")
+    node = raw
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p} is not a section.")
+    node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def load(path: str | os.PathLike, overrides=()) -> dict:
+    """Read and resolve a run config file (YAML or JSON), with ``KEY=VALUE`` overrides applied first."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist.")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    for item in overrides:
+        apply_override(raw, item)
+    return resolve(raw, where=str(p))
+
+
+TRAINING_KEYS = ("model", "method", "data", "calibration", "train", "seed")
+
+
+def run_id(cfg: dict) -> str:
+    """``<model>-<method>-r<rank>-<bits>b[-g<g>]-<data>-s<seed>-<hash8>`` from the training-relevant sections."""
+    m = cfg["method"]
+    canon = json.dumps({k: cfg[k] for k in TRAINING_KEYS}, sort_keys=True, default=str)
+    h = hashlib.sha256(canon.encode()).hexdigest()[:8]
+    parts = [Path(str(cfg["model"]["name"])).name.replace("/", "_"), m["name"]]
+    if "rank" in m:
+        parts.append(f"r{m['rank']}")
+    if "bits" in m:
+        parts.append(f"{m['bits']}b")
+    if "group_size" in m:
+        parts.append(f"g{m['group_size']}")
+    parts += [cfg["data"]["source"], f"s{cfg['seed']}", h]
+    return "-".join(str(p) for p in parts)

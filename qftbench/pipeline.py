@@ -1,0 +1,318 @@
+"""The pipeline steps behind ``qftbench prepare | finetune | evaluate | run``, one validated run config each.
+
+Layout (``paths.results`` = ``results``, ``paths.scratch`` = ``scratch``)::
+
+    results/cache/bases/<model>-<base hash>/      the quantized base, shared by every run with the same base
+    results/cache/data/synthetic-<seed>-<n>/       the generated synthetic data
+    results/runs/<run_id>/                         one finished run: config.yaml, adapter/, train_log.jsonl,
+                                                   train.json, accounting.json, provenance.json,
+                                                   eval/<mode>/<tasks>.json, metrics.json
+    scratch/<run_id>/                              checkpoints (resume); never a workflow output
+
+Every file is written atomically; ``train.json`` is written last by :func:`finetune_step`, so its presence
+marks a finished run, which is never trained again or overwritten.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import methods
+from methods.base_io import load_quantized_base, save_quantized_base
+
+from . import config as C
+from .provenance import record, write_json_atomic
+
+log = logging.getLogger("qftbench")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------------ paths
+def results_dir(cfg) -> Path:
+    return Path(cfg["paths"]["results"])
+
+
+def run_dir(cfg) -> Path:
+    return results_dir(cfg) / "runs" / C.run_id(cfg)
+
+
+def scratch_dir(cfg) -> Path:
+    return Path(cfg["paths"]["scratch"]) / C.run_id(cfg)
+
+
+def model_cache(cfg) -> Path | None:
+    return Path(cfg["paths"]["cache"]) if cfg["paths"].get("cache") else None
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def base_dir(cfg) -> Path:
+    method = build_method(cfg)
+    key = {"model": cfg["model"], "base": method.base_key()}
+    if method.hp.get("quantizer") == "gptq":
+        key["calibration"] = calibration_spec(cfg)
+    name = Path(str(cfg["model"]["name"])).name
+    return results_dir(cfg) / "cache" / "bases" / f"{name}-{_hash(key)}"
+
+
+def build_method(cfg):
+    return methods.build(cfg["method"]["name"], **{k: v for k, v in cfg["method"].items() if k != "name"})
+
+
+# ------------------------------------------------------------------------------------------------- data
+def synthetic_dir(cfg) -> Path:
+    s = cfg["data"]["synthetic"]
+    return results_dir(cfg) / "cache" / "data" / f"synthetic-{s['seed']}-{s.get('n_entities') or 'default'}"
+
+
+def ensure_synthetic(cfg) -> Path:
+    from . import synthetic
+
+    d = synthetic_dir(cfg)
+    if not (d / "manifest.json").is_file():
+        s = cfg["data"]["synthetic"]
+        kw = {k: v for k, v in s.items() if v is not None and k in ("n_entities", "phrasings_per_fact")}
+        synthetic.write_synthetic(d, seed=s["seed"], **kw)
+    return d
+
+
+def load_records(cfg) -> tuple[list, list, dict]:
+    from .data import prepare_data
+
+    d = cfg["data"]
+    if d["source"] == "synthetic":
+        path = ensure_synthetic(cfg) / "train.json"
+        train, held, info = prepare_data("local", path, n=d["n"], seed=d["seed"], holdout=d["holdout"])
+        info["source"] = "synthetic"
+        info["synthetic"] = json.loads((synthetic_dir(cfg) / "manifest.json").read_text())
+        return train, held, info
+    return prepare_data(d["source"], d["path"], n=d["n"], seed=d["seed"], holdout=d["holdout"])
+
+
+def calibration_spec(cfg) -> dict:
+    c = dict(cfg["calibration"])
+    if c["source"] is None:  # default: the fine-tuning data
+        c["source"], c["path"] = cfg["data"]["source"], cfg["data"]["path"]
+    return c
+
+
+def calibration_batches(cfg, tokenizer) -> list[torch.Tensor]:
+    from methods.quant.gptq import calibration_from_texts
+
+    from .data import format_prompt, prepare_data
+
+    c = calibration_spec(cfg)
+    if c["source"] == "synthetic":
+        records, _, _ = prepare_data("local", ensure_synthetic(cfg) / "train.json")
+    else:
+        records, _, _ = prepare_data(c["source"], c["path"])
+    texts = ["".join(format_prompt(r)) for r in records]
+    return calibration_from_texts(tokenizer, texts, c["n_samples"], c["seq_len"], c["seed"])
+
+
+# ------------------------------------------------------------------------------------------------ model
+def load_model(cfg):
+    from .models import load_model as _load
+
+    return _load(cfg["model"]["name"], dtype=DTYPES.get(cfg["model"]["dtype"], torch.float32),
+                 cache_dir=model_cache(cfg), seed=cfg["seed"])
+
+
+def prepare_step(cfg) -> Path:
+    """Make the model, the data and the quantized base available (each computed once, then reused)."""
+    if cfg["data"]["source"] == "synthetic" or "qft_synthetic" in cfg["eval"]["tasks"]:
+        ensure_synthetic(cfg)
+    d = base_dir(cfg)
+    if (d / "base_manifest.json").is_file():
+        return d
+    t0 = time.perf_counter()
+    model, tok = load_model(cfg)
+    method = build_method(cfg)
+    calib = calibration_batches(cfg, tok) if method.hp.get("quantizer") == "gptq" else None
+    method.quantize(model, calib)
+    save_quantized_base(model, d, method)
+    write_json_atomic(d / "provenance.json", record(step="prepare", seconds=time.perf_counter() - t0,
+                                                    model=cfg["model"], base_key=method.base_key(),
+                                                    calibration=calibration_spec(cfg) if calib else None))
+    return d
+
+
+def prepared_model(cfg):
+    """``(model, tokenizer, method)``: the fresh model with the cached quantized base and this method's adapters."""
+    d = prepare_step(cfg)
+    model, tok = load_model(cfg)
+    method = build_method(cfg)
+    load_quantized_base(model, d, method)
+    method.inject(model)
+    return model, tok, method
+
+
+# --------------------------------------------------------------------------------------------- finetune
+def is_finished(cfg) -> bool:
+    return (run_dir(cfg) / "train.json").is_file()
+
+
+def finetune_step(cfg, *, stop_after: int | None = None) -> Path:
+    """Fine-tune one run (resuming from scratch checkpoints); a finished run is left untouched."""
+    from .accounting import account
+    from .data import tokenize_records
+    from .train import TrainConfig, finetune
+
+    rd = run_dir(cfg)
+    if is_finished(cfg):
+        log.info("run %s is finished; not training it again", rd)
+        return rd
+    t0 = time.perf_counter()
+    model, tok, method = prepared_model(cfg)
+    t_prep = time.perf_counter() - t0
+    train_recs, _, data_info = load_records(cfg)
+    examples = tokenize_records(tok, train_recs, cfg["data"]["source_max_len"], cfg["data"]["target_max_len"])
+    rd.mkdir(parents=True, exist_ok=True)
+    (rd / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    tcfg = TrainConfig(**cfg["train"], seed=cfg["seed"])
+    n_trainable = methods.count_trainable(model)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if n_trainable:
+        summary = finetune(model, examples, tcfg, scratch_dir(cfg), rd / "train_log.jsonl", pad_id=pad,
+                           stop_after=stop_after)
+        if not summary["finished"]:
+            return rd
+        methods.save_adapter(model, rd / "adapter")
+    else:  # the un-tuned base: nothing to train
+        summary = {"steps": 0, "finished": True, "note": "no trainable parameters (un-tuned base)"}
+    spec = cfg["model"]["name"] if _known(cfg) else model.config.to_dict()
+    acc = account(spec, method.name, **method.hp)
+    tokens = sum(sum(1 for x in e["input_ids"]) for e in examples)
+    acc["train_tokens_per_epoch"] = tokens
+    acc["measured_trainable_params"] = n_trainable
+    acc["train_flops_total"] = acc["train_flops_per_token"] * _trained_tokens(rd)
+    write_json_atomic(rd / "accounting.json", acc)
+    write_json_atomic(rd / "provenance.json", record(step="finetune", run_id=C.run_id(cfg), seed=cfg["seed"],
+                                                     data=data_info, method=method.describe(),
+                                                     prepare_seconds=t_prep,
+                                                     finetune_seconds=time.perf_counter() - t0 - t_prep))
+    write_json_atomic(rd / "train.json", summary)  # last: marks the run finished
+    return rd
+
+
+def _known(cfg) -> bool:
+    from .accounting import known_models
+
+    return cfg["model"]["name"] in known_models()
+
+
+def _trained_tokens(rd: Path) -> int:
+    p = rd / "train_log.jsonl"
+    if not p.is_file():
+        return 0
+    steps = {}
+    for line in p.read_text().splitlines():
+        r = json.loads(line)
+        if "tokens" in r:
+            steps[r["step"]] = r["tokens"]  # a step repeated after a resume counts once
+    return sum(steps.values())
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+def deployed_model(cfg, mode: str):
+    """The model as evaluated in ``mode`` (``deploy`` resolves to the method's own deployment)."""
+    model, tok, method = prepared_model(cfg)
+    if method.name != "base":
+        rd = run_dir(cfg)
+        if not is_finished(cfg):
+            raise FileNotFoundError(f"run {rd} is not finished (no train.json): run `qftbench finetune` first.")
+        methods.load_adapter(model, rd / "adapter")
+    mode = method.deploy if mode == "deploy" else mode
+    layers = list(model.qft_base["layers"])
+    if mode in ("4+16", "base"):
+        pass
+    elif mode == "int-merge":
+        method.merge(model)
+    elif mode in ("fp16-merge", "requant"):
+        methods.Method.merge(method, model, dtype=torch.float16) if method.name != "base" else None
+        model.to(DTYPES.get(cfg["model"]["dtype"], torch.float32))
+        if mode == "requant":
+            from methods.quant.scheme import QuantScheme
+            from methods.requant import requantize
+
+            rq = cfg["eval"].get("requant") or {"bits": 4, "group_size": 32, "quantizer": "rtn"}
+            scheme = QuantScheme(kind="int", bits=rq["bits"], group_size=rq["group_size"])
+            calib = calibration_batches(cfg, tok) if rq["quantizer"] == "gptq" else None
+            requantize(model, layers, scheme, rq["quantizer"], calib)
+    else:
+        raise methods.ConfigError(f"eval mode {mode!r} is not one of {C.DEPLOY_MODES}")
+    model.eval()
+    return model, tok, mode
+
+
+def _tasks_key(tasks, num_fewshot) -> str:
+    return "+".join(tasks) + (f"-{num_fewshot}shot" if num_fewshot else "")
+
+
+def evaluate_step(cfg, mode: str = "deploy", tasks: list[str] | None = None, num_fewshot: int | None = None) -> Path:
+    """Evaluate one run in one deployment mode on a task group; writes eval/<mode>/<tasks>.json atomically."""
+    from .evaluate import evaluate
+
+    tasks = tasks or cfg["eval"]["tasks"]
+    rd = run_dir(cfg)
+    method = build_method(cfg)
+    resolved_mode = method.deploy if mode == "deploy" else mode
+    out = rd / "eval" / resolved_mode / f"{_tasks_key(tasks, num_fewshot)}.json"
+    if out.is_file():
+        return out
+    t0 = time.perf_counter()
+    model, tok, resolved_mode = deployed_model(cfg, mode)
+    synth = ensure_synthetic(cfg) / "eval.jsonl" if "qft_synthetic" in tasks else None
+    res = evaluate(model, tok, tasks, num_fewshot=num_fewshot, limit=cfg["eval"]["limit"],
+                   batch_size=cfg["eval"]["batch_size"], data_root=cfg["eval"]["data_root"],
+                   seed=cfg["eval"]["seed"], synthetic_path=synth)
+    res["mode"] = resolved_mode
+    res["num_fewshot"] = num_fewshot
+    res["seconds"] = time.perf_counter() - t0
+    res["provenance"] = {**res.get("provenance", {}), **record(step="evaluate")}
+    write_json_atomic(out, res)
+    collect_metrics(rd)
+    return out
+
+
+def collect_metrics(rd: Path) -> Path:
+    """``metrics.json``: every evaluation of the run, keyed by mode and task group."""
+    out: dict[str, Any] = {}
+    for p in sorted((rd / "eval").glob("*/*.json")):
+        out.setdefault(p.parent.name, {})[p.stem] = json.loads(p.read_text())
+    return write_json_atomic(rd / "metrics.json", out)
+
+
+def run_all(cfg) -> Path:
+    """prepare, finetune and evaluate (every mode in eval.modes, every few-shot setting)."""
+    prepare_step(cfg)
+    rd = finetune_step(cfg)
+    for mode in cfg["eval"]["modes"]:
+        for tasks, shots in eval_groups(cfg):
+            evaluate_step(cfg, mode, tasks, shots)
+    return rd
+
+
+def eval_groups(cfg) -> list[tuple[list[str], int | None]]:
+    """Task groups: tasks with the same few-shot setting evaluate together; a list of shots splits a task."""
+    groups: dict[int | None, list[str]] = {}
+    for t in cfg["eval"]["tasks"]:
+        shots = cfg["eval"]["num_fewshot"].get(t)
+        for s in (shots if isinstance(shots, list) else [shots]):
+            groups.setdefault(s, []).append(t)
+    return [(ts, s) for s, ts in groups.items()]
+
+
+def copy_cfg(cfg) -> dict:
+    return copy.deepcopy(cfg)

@@ -1,0 +1,77 @@
+"""Provenance recorded with every result: git commit, package versions, hardware, seeds, timings."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "lm_eval", "datasets", "safetensors",
+            "snakemake", "pandas", "numpy", "qftbench")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git_info() -> dict[str, Any]:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:
+            return None
+    commit = git("rev-parse", "HEAD")
+    return {"commit": commit or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))
+            if commit else None}
+
+
+def versions() -> dict[str, str | None]:
+    out = {}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    hw = {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
+          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+          "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        hw["cuda_version"] = torch.version.cuda
+    try:
+        with open("/proc/meminfo") as f:
+            hw["mem_total_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    for k in ("SLURM_JOB_ID", "SLURM_JOB_PARTITION", "SLURM_NODELIST", "CUDA_VISIBLE_DEVICES"):
+        if k in os.environ:
+            hw[k.lower()] = os.environ[k]
+    return hw
+
+
+def record(**extra) -> dict[str, Any]:
+    return {"git": git_info(), "versions": versions(), "hardware": hardware(), "time": time.time(), **extra}
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write JSON to a temporary file in the same folder and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,140 @@
+"""End-to-end pipeline steps on tiny-llama: prepare, fine-tune, merge, evaluate with real lm-eval, records."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import methods
+from methods.errors import ConfigError
+from qftbench import config as C
+from qftbench import pipeline as P
+
+
+def tiny_cfg(tmp_path, method: dict, **over) -> dict:
+    raw = {
+        "model": {"name": "tiny-llama"},
+        "method": method,
+        "data": {"source": "synthetic", "synthetic": {"seed": 0, "n_entities": 6}},
+        "train": {"max_steps": 2, "batch_size": 4, "micro_batch_size": 4, "save_steps": 1, "lr": 1e-3},
+        "eval": {"tasks": ["qft_synthetic"], "limit": 6, "batch_size": 8},
+        "paths": {"results": str(tmp_path / "results"), "scratch": str(tmp_path / "scratch")},
+    }
+    for k, v in over.items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
+    return C.resolve(raw)
+
+
+METHODS = [
+    {"name": "lora", "rank": 4, "alpha": 8},
+    {"name": "qlora", "rank": 4, "alpha": 8},
+    {"name": "qalora", "rank": 4, "alpha": 8},
+    {"name": "loftq", "rank": 4, "alpha": 8, "iters": 1},
+    {"name": "qbara", "rank": 4, "alpha": 8},
+    {"name": "qahira", "rank": 4, "alpha": 8},
+    {"name": "qahira-ref", "rank": 4, "alpha": 8},
+    {"name": "peqa"},
+    {"name": "base", "bits": 4, "group_size": 32},
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS, ids=[m["name"] for m in METHODS])
+def test_end_to_end_per_method(tmp_path, method):
+    cfg = tiny_cfg(tmp_path, method)
+    rd = P.run_all(cfg)
+    files = {p.name for p in rd.iterdir()}
+    assert {"config.yaml", "train.json", "accounting.json", "provenance.json", "metrics.json", "eval"} <= files
+    m = build = methods.build(method["name"], **{k: v for k, v in method.items() if k != "name"})
+    if method["name"] != "base":
+        assert {"adapter", "train_log.jsonl"} <= files
+        log = [json.loads(x) for x in (rd / "train_log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [1, 2] and all(r["loss"] > 0 for r in log)
+    metrics = json.loads((rd / "metrics.json").read_text())
+    res = metrics[build.deploy]["qft_synthetic"]
+    task = res["tasks"]["qft_synthetic"]
+    assert 0.0 <= task["acc"] <= 1.0 and task["n"] == 6 and "acc_norm" in task
+    assert res["mode"] == m.deploy and res["provenance"]["lm_eval_version"]
+    acc = json.loads((rd / "accounting.json").read_text())
+    assert acc["trainable_params"] == acc["measured_trainable_params"]
+    assert acc["train_flops_total"] == acc["train_flops_per_token"] * sum(r["tokens"] for r in log) \
+        if method["name"] != "base" else acc["trainable_params"] == 0
+    prov = json.loads((rd / "provenance.json").read_text())
+    assert {"git", "versions", "hardware", "seed", "data", "method"} <= set(prov)
+    assert prov["versions"]["torch"] and prov["data"]["synthetic"]["seed"] == 0
+    # a finished run is never trained again or overwritten
+    before = (rd / "train.json").read_bytes(), (rd / "adapter").exists() and (rd / "adapter" / "adapter.safetensors").read_bytes()
+    P.finetune_step(cfg)
+    assert before == ((rd / "train.json").read_bytes(), (rd / "adapter").exists() and (rd / "adapter" / "adapter.safetensors").read_bytes())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qalora", "qahira"])
+def test_exact_merge_evaluation_equals_unmerged(tmp_path, name):
+    from qftbench.evaluate import evaluate
+
+    cfg = tiny_cfg(tmp_path, {"name": name, "rank": 4, "alpha": 8, "init": "kaiming"} if name == "qahira"
+                   else {"name": name, "rank": 4, "alpha": 8}, train={"max_steps": 3, "lr": 3e-2})
+    P.finetune_step(cfg)
+    synth = P.ensure_synthetic(cfg) / "eval.jsonl"
+    out = {}
+    for mode in ("4+16", "int-merge"):
+        model, tok, resolved = P.deployed_model(cfg, mode)
+        assert resolved == mode
+        if mode == "int-merge":
+            assert not any(isinstance(x, methods.AdapterLinear) for x in model.modules())
+        out[mode] = evaluate(model, tok, ["qft_synthetic"], synthetic_path=synth, return_samples=True, batch_size=8)
+    a, b = (out[m]["samples"]["qft_synthetic"] for m in ("4+16", "int-merge"))
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        la = [float(r[0]) for r in x["filtered_resps"]]
+        lb = [float(r[0]) for r in y["filtered_resps"]]
+        assert max(range(4), key=la.__getitem__) == max(range(4), key=lb.__getitem__)  # same chosen answer
+        assert max(abs(p - q) for p, q in zip(la, lb)) < 1e-3
+    assert out["4+16"]["tasks"]["qft_synthetic"]["acc"] == out["int-merge"]["tasks"]["qft_synthetic"]["acc"]
+
+
+def test_finetune_resume_through_pipeline(tmp_path):
+    cfg = tiny_cfg(tmp_path, {"name": "qlora", "rank": 4, "alpha": 8}, train={"max_steps": 4, "save_steps": 2})
+    P.finetune_step(cfg, stop_after=2)  # as if killed right after the step-2 checkpoint
+    assert not P.is_finished(cfg)
+    assert (P.scratch_dir(cfg) / "checkpoint-2").is_dir()
+    rd = P.finetune_step(cfg)
+    log = [json.loads(x) for x in (rd / "train_log.jsonl").read_text().splitlines()]
+    assert {"event": "resume", "step": 2} in log
+    assert json.loads((rd / "train.json").read_text())["resumed_from_step"] == 2
+
+
+@pytest.mark.parametrize("raw,msg", [
+    ({"method": {"name": "qlora"}, "modle": {}}, r"unknown key 'modle'. Did you mean \"model\""),
+    ({"method": {"name": "qlora"}, "train": {"lr": -1}}, r"train.lr=-1"),
+    ({"method": {"name": "qlora"}, "train": {"max_step": 3}}, r"unknown key 'train.max_step'. Did you mean \"max_steps\""),
+    ({"method": {"name": "qlora"}, "eval": {"modes": ["int-merge"]}},
+     r"eval.modes contains 'int-merge' but method 'qlora' has an bnb-nf4 \(4-bit\) base"),
+    ({"method": {"name": "lora"}, "eval": {"modes": ["4+16"]}}, r"'4\+16' but method 'lora' has no quantized base"),
+    ({"method": {"name": "qalora", "group_size": 0}}, r"group_size=0 must be >= 1"),
+    ({"method": {"name": "qlroa"}}, r"unknown method 'qlroa'"),
+    ({"method": {"name": "qlora"}, "data": {"source": "jsonl"}}, r"data.source='jsonl' is not allowed"),
+    ({"method": {"name": "qlora"}, "data": {"source": "local"}}, r"data.source='local' needs data.path"),
+    ({"method": {"name": "qlora"}, "train": {"batch_size": 6, "micro_batch_size": 4}}, r"not a multiple"),
+])
+def test_bad_run_configs(raw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        C.resolve(raw)
+
+
+def test_run_id_is_stable_and_config_sensitive(tmp_path):
+    a = tiny_cfg(tmp_path, {"name": "qalora", "rank": 4})
+    b = tiny_cfg(tmp_path, {"name": "qalora", "rank": 4})
+    c = tiny_cfg(tmp_path, {"name": "qalora", "rank": 8})
+    d = tiny_cfg(tmp_path, {"name": "qalora", "rank": 4}, eval={"limit": 3})  # evaluation does not change the run
+    assert C.run_id(a) == C.run_id(b) == C.run_id(d) != C.run_id(c)
+    assert C.run_id(a).startswith("tiny-llama-qalora-r4-4b-g32-synthetic-s0-")
+
+
+def test_missing_model_path_fails_before_training(tmp_path):
+    cfg = tiny_cfg(tmp_path, {"name": "qlora"}, model={"name": str(tmp_path / "no-such-model")})
+    with pytest.raises(OSError, match="no-such-model"):
+        P.finetune_step(cfg)
+    assert not P.run_dir(cfg).exists()

@@ -1,0 +1,120 @@
+"""qftbench.synthetic: determinism, held-out phrasings, answer balance, answers grounded in training."""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import pytest
+
+from qftbench import synthetic
+from qftbench.synthetic import (
+    EVAL_TEMPLATES,
+    RELATIONS,
+    TRAIN_TEMPLATES,
+    eval_items,
+    generate_world,
+    training_records,
+    write_synthetic,
+)
+
+
+def test_write_is_byte_identical_for_the_same_seed(tmp_path):
+    m1 = write_synthetic(tmp_path / "a", seed=5)
+    m2 = write_synthetic(tmp_path / "b", seed=5)
+    for name in ("train.json", "eval.jsonl", "manifest.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert m1 == m2
+    write_synthetic(tmp_path / "c", seed=6)
+    assert (tmp_path / "c" / "train.json").read_bytes() != (tmp_path / "a" / "train.json").read_bytes()
+    # only the three files, no temporary leftovers
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["eval.jsonl", "manifest.json", "train.json"]
+
+
+def test_files_and_manifest(tmp_path):
+    man = write_synthetic(tmp_path, seed=0)
+    train = json.loads((tmp_path / "train.json").read_text())
+    items = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert man["seed"] == 0 and man["n_train"] == len(train) == 60 * 4 and man["n_eval"] == len(items) == 60
+    assert json.loads((tmp_path / "manifest.json").read_text()) == man
+    assert all(set(r) == {"instruction", "input", "output"} and r["input"] == "" for r in train)
+    for it in items:
+        assert set(it) == {"question", "choices", "answer", "subject"}
+        assert len(it["choices"]) == 4 and len(set(it["choices"])) == 4
+        assert it["answer"] in range(4) and it["subject"] in RELATIONS
+        assert set(it["choices"]) <= set(RELATIONS[it["subject"]]), "distractors come from the same pool"
+    # the data loader accepts the training file as Alpaca data
+    from qftbench.data import load_alpaca
+
+    assert len(load_alpaca(tmp_path / "train.json")) == len(train)
+
+
+def test_world_is_deterministic_and_names_unique():
+    w = generate_world(3, 80)
+    assert w == generate_world(3, 80) and w != generate_world(4, 80)
+    names = [f["entity"] for f in w["facts"]]
+    assert len(set(names)) == 80
+    rel_counts = Counter(f["relation"] for f in w["facts"])
+    assert max(rel_counts.values()) - min(rel_counts.values()) <= 1
+    for rel in RELATIONS:  # values used evenly within each relation
+        vals = Counter(f["value"] for f in w["facts"] if f["relation"] == rel)
+        assert max(vals.values()) - min(vals.values()) <= 1
+    with pytest.raises(ValueError, match="n_entities"):
+        generate_world(0, 0)
+
+
+def _strip(text: str, names) -> str:
+    return re.sub("|".join(map(re.escape, names)), "{name}", text)
+
+
+@pytest.mark.parametrize("per_fact", [1, 2])
+def test_heldout_phrasings_never_in_training(per_fact):
+    world = generate_world(0)
+    names = sorted((f["entity"] for f in world["facts"]), key=len, reverse=True)
+    train = training_records(world, phrasings_per_fact=max(len(t) for t in TRAIN_TEMPLATES.values()))
+    train_prompts = {r["instruction"] for r in train}
+    train_templates = {_strip(r["instruction"], names) for r in train}
+    items = eval_items(world, per_fact=per_fact)
+    used = set()
+    for it in items:
+        assert it["question"] not in train_prompts
+        tmpl = _strip(it["question"], names)
+        assert tmpl not in train_templates
+        assert tmpl in EVAL_TEMPLATES[it["subject"]]
+        used.add(tmpl)
+    assert used == {t for ts in EVAL_TEMPLATES.values() for t in ts}, "every held-out phrasing is used"
+    assert not {t for ts in EVAL_TEMPLATES.values() for t in ts} & {t for ts in TRAIN_TEMPLATES.values() for t in ts}
+
+
+@pytest.mark.parametrize("n_entities,per_fact", [(60, 1), (61, 1), (43, 2), (7, 1)])
+def test_answer_positions_balanced(n_entities, per_fact):
+    items = eval_items(generate_world(1, n_entities), per_fact=per_fact)
+    counts = Counter(it["answer"] for it in items)
+    assert sum(counts.values()) == n_entities * per_fact
+    assert max(counts.get(k, 0) for k in range(4)) - min(counts.get(k, 0) for k in range(4)) <= 1
+
+
+def test_every_eval_answer_is_taught_in_training():
+    world = generate_world(2, 50)
+    for k in (1, 4):
+        train = training_records(world, phrasings_per_fact=k)
+        assert len(train) == 50 * k
+        for it in eval_items(world):
+            entity = next(f["entity"] for f in world["facts"] if f["entity"] in it["question"])
+            answer = it["choices"][it["answer"]]
+            teaching = [r for r in train if entity in r["instruction"]]
+            assert len(teaching) == k
+            assert all(re.search(rf"\b{re.escape(answer)}\b", r["output"]) for r in teaching)
+            for wrong in (c for i, c in enumerate(it["choices"]) if i != it["answer"]):
+                assert not any(re.search(rf"\b{re.escape(wrong)}\b", r["output"]) for r in teaching)
+
+
+def test_tunable_sizes_and_bad_arguments():
+    world = generate_world(0, 12)
+    assert len(training_records(world, phrasings_per_fact=2)) == 24
+    assert len(eval_items(world, per_fact=2)) == 24
+    with pytest.raises(ValueError, match="phrasings_per_fact"):
+        training_records(world, phrasings_per_fact=99)
+    with pytest.raises(ValueError, match="per_fact"):
+        eval_items(world, per_fact=0)
+    assert synthetic.max_entities() >= 1000
