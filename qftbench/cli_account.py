@@ -64,7 +64,8 @@ def format_text(r: dict) -> str:
         f"({r['target_params'] / 1e6:,.1f}M weights)",
         f"trainable  {r['trainable_params']:,} ({r['trainable_params'] / 1e6:.1f}M, "
         f"{r['trainable_percent']:.3f}% of the base)",
-        f"FLOPs/tok  adapter {r['adapter_flops_per_token'] / 1e6:,.2f}M, forward {r['forward_flops_per_token'] / 1e9:,.3f}G, "
+        f"FLOPs/tok  adapter {r['adapter_flops_per_token'] / 1e6:,.2f}M, "
+        f"forward {r['forward_flops_per_token'] / 1e9:,.3f}G, "
         f"train {r['train_flops_per_token'] / 1e9:,.3f}G (seq_len {r['seq_len']})",
         f"           {f['formula']}",
         f"bits/param {r['bits_per_param']:.3f} whole model, {r['bits_per_param_target']:.3f} target layers; "

@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from methods.errors import QFTError
+from methods.errors import QFTError, did_you_mean
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -428,7 +428,14 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
             raise ModelLoadError(f"Could not load the model folder {name!r}: {exc}") from exc
         return model.eval(), _finish_tokenizer(tokenizer)
 
-    # a hub id
+    # a hub id; a bare name close to a built-in one is almost certainly a typo, not a hub model
+    if "/" not in name:
+        hint = did_you_mean(name, BUILTIN_MODELS)
+        if hint:
+            raise ModelLoadError(
+                f"Unknown model {name!r}.{hint} Fix: use a built-in name ({builtins}), a local folder path, "
+                f"or a hub id such as huggyllama/llama-7b."
+            )
     hub_kw: dict[str, Any] = {}
     if cache_dir is not None:
         hub_kw["cache_dir"] = str(Path(cache_dir).expanduser())

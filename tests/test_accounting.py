@@ -212,7 +212,8 @@ def test_bits_per_param():
 def test_targets_subset_and_errors():
     r = account("llama-7b", "lora", targets=["q_proj", "v_proj"])
     assert r["n_target_layers"] == 64 and r["trainable_params"] == 32 * 2 * 64 * 8192
-    assert account("llama-7b", "lora", rank=8, targets=["q_proj", "v_proj"])["trainable_params"] == 4_194_304  # alpaca-lora: 4.2M
+    # alpaca-lora's 4.2M: rank 8 on q and v of LLaMA-7B
+    assert account("llama-7b", "lora", rank=8, targets=["q_proj", "v_proj"])["trainable_params"] == 4_194_304
     with pytest.raises(ConfigError, match='Did you mean "q_proj"'):
         account("llama-7b", "lora", targets=["q_prj"])
     with pytest.raises(ConfigError, match='Did you mean "llama-7b"'):
@@ -237,16 +238,20 @@ def test_flops_formula_llama7b():
 
 
 # ------------------------------------------------------------------------------------------------- CLI
+def _qftbench(*args):
+    return subprocess.run([sys.executable, "-m", "qftbench.cli", *args], capture_output=True, text=True, timeout=300)
+
+
 def test_cli_json_subprocess():
-    p = subprocess.run([sys.executable, "-m", "qftbench.cli_account", "--model", "llama-13b", "--method", "qalora",
-                        "--rank", "64", "--group-size", "32", "--json"], capture_output=True, text=True, timeout=300)
+    """``qftbench account`` (wired into qftbench/cli.py) in a fresh interpreter."""
+    p = _qftbench("account", "--model", "llama-13b", "--method", "qalora", "--rank", "64", "--group-size", "32",
+                  "--json")
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert _m(out["trainable_params"]) == "139.9M" and out["seq_len"] == 512 and out["model"] == "llama-13b"
     assert out["describe"]["hyperparameters"]["group_size"] == 32 and out["describe"]["method"] == "qalora"
 
-    p = subprocess.run([sys.executable, "-m", "qftbench.cli_account", "--model", "lama-7b", "--method", "qlora",
-                        "--json"], capture_output=True, text=True, timeout=300)
+    p = _qftbench("account", "--model", "lama-7b", "--method", "qlora", "--json")
     assert p.returncode == 2 and not p.stdout
     assert len(p.stderr.strip().splitlines()) == 1
     assert 'Did you mean "llama-7b"' in p.stderr and "llama2-13b" in p.stderr

@@ -82,6 +82,7 @@ def test_format_prompt_with_and_without_input():
                  "completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:")
 
 
+@pytest.mark.shared_data
 def test_alpaca_prompt_matches_original_text_field():
     """The mirror's 'text' field is prompt + '\\n' + output; our prompt is its exact prefix."""
     recs = json.loads(_shared("alpaca/alpaca_tiny_original_100.json").read_text())

@@ -43,25 +43,19 @@ def _env():
 def gptq_python():
     if not GPTQ_PY.exists():
         pytest.skip(f"GPTQModel parity env not found at {GPTQ_PY}: create it with `bash envs/gptqmodel-parity.sh`")
-    r = subprocess.run([str(GPTQ_PY), "-c", "import gptqmodel, optimum"], capture_output=True, text=True,
-                       env=_env(), timeout=120)
-    if r.returncode:
-        pytest.skip(f"GPTQModel parity env at {GPTQ_PY} is broken ({r.stderr.strip().splitlines()[-1:]}); "
-                    f"re-run `bash envs/gptqmodel-parity.sh`")
     return str(GPTQ_PY)
 
 
-def _run(python: str, code: str, *args: str, timeout: int = 300) -> str:
-    r = subprocess.run([python, "-c", code, *args], capture_output=True, text=True, env=_env(), timeout=timeout)
-    assert r.returncode == 0, f"GPTQModel subprocess failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r.stdout
-
-
-LAYER_RUNNER = r"""
-import sys, torch, torch.nn as nn
+# One subprocess for everything (importing gptqmodel takes 5-15 s): argv = work dir; reads layer_in.pt and the
+# checkpoint dirs listed in ckpts.json, writes layer_out.pt and load_out.json.
+RUNNER = r"""
+import sys, json, torch, torch.nn as nn
+from pathlib import Path
 from gptqmodel.quantization.gptq import GPTQ
 from gptqmodel.quantization.config import QuantizeConfig
-inp = torch.load(sys.argv[1])
+from transformers import AutoModelForCausalLM
+work = Path(sys.argv[1])
+inp = torch.load(work / "layer_in.pt")
 W, X = inp["W"], inp["X"]
 out = {}
 for bits in inp["bits"]:
@@ -76,8 +70,20 @@ for bits in inp["bits"]:
     H = g.finalize_hessian().clone()
     Q, scale, zero, g_idx = g.quantize(blocksize=inp["block_size"])[:4]
     out[bits] = {"Q": Q, "scale": scale, "zero": zero, "g_idx": g_idx, "H": H}
-torch.save(out, sys.argv[2])
+torch.save(out, work / "layer_out.pt")
+res = {}
+for d in json.loads((work / "ckpts.json").read_text()):
+    m = AutoModelForCausalLM.from_pretrained(d, device_map="cpu", dtype=torch.float32)
+    ref = torch.load(Path(d) / "ref.pt")
+    with torch.no_grad():
+        lg = m(ref["ids"]).logits.float()
+    res[d] = {"rounded": float((lg - ref["rounded"]).abs().max()), "float": float((lg - ref["float"]).abs().max()),
+              "module": type(m.model.layers[0].self_attn.q_proj).__name__}
+(work / "load_out.json").write_text(json.dumps(res))
 """
+
+LAYER_BITS, GROUP = (4, 3, 2), 32
+CKPT_BITS = (2, 3, 4, 8)
 
 
 def _layer_data(seed=0, d_out=64, d_in=128, n=1024):
@@ -93,18 +99,69 @@ def _rel_out_err(x, w, wq):
     return float((x @ w.T - x @ wq.T).norm() / (x @ w.T).norm())
 
 
-def test_layer_parity_with_gptqmodel(gptq_python, tmp_path):
-    w, x = _layer_data()
-    bits_list, g = [4, 3, 2], 32
-    torch.save({"W": w, "X": x, "bits": bits_list, "group_size": g, "damp": 0.01, "block_size": 128},
-               tmp_path / "in.pt")
-    _run(gptq_python, LAYER_RUNNER, str(tmp_path / "in.pt"), str(tmp_path / "out.pt"))
-    theirs = torch.load(tmp_path / "out.pt")
+def _tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
 
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+def _export_checkpoints(work: Path) -> tuple[list[str], dict]:
+    """GPTQ (float zeros) on a tiny Llama for each bit width, exported; ref.pt holds the logits of the model with
+    float zeros and of the same model with rounded zeros + fp16 scales (what the checkpoint represents)."""
+    import copy
+
+    from methods.quant.export import export_gptq_checkpoint, export_zero_points, zero_rounding_loss
+    from methods.quant.gptq import gptq_quantize_model
+    from methods.quant.linear import QuantLinear
+    from methods.quant.scheme import QuantScheme
+
+    ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(5))
+    calib = [torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    dirs, reports = [], {}
+    for bits in CKPT_BITS:
+        model = _tiny_llama()
+        targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+        gptq_quantize_model(model, targets, QuantScheme("int", bits, group_size=GROUP), calib)
+        reports[bits] = zero_rounding_loss(model, ids)
+        rounded = copy.deepcopy(model)
+        for m in rounded.modules():
+            if isinstance(m, QuantLinear):
+                m.zeros.copy_(export_zero_points(m.zeros, bits)[0])
+                m.scales.copy_(m.scales.half().float())
+        d = work / f"int{bits}"
+        export_gptq_checkpoint(model, d, bits, GROUP, dtype=torch.float32)
+        with torch.no_grad():
+            torch.save({"ids": ids, "float": model(ids).logits, "rounded": rounded(ids).logits}, d / "ref.pt")
+        dirs.append(str(d))
+    return dirs, reports
+
+
+@pytest.fixture(scope="module")
+def parity(gptq_python, tmp_path_factory):
+    work = tmp_path_factory.mktemp("gptq_parity")
+    w, x = _layer_data()
+    torch.save({"W": w, "X": x, "bits": list(LAYER_BITS), "group_size": GROUP, "damp": 0.01, "block_size": 128},
+               work / "layer_in.pt")
+    dirs, reports = _export_checkpoints(work)
+    (work / "ckpts.json").write_text(json.dumps(dirs))
+    r = subprocess.run([gptq_python, "-c", RUNNER, str(work)], capture_output=True, text=True, env=_env(),
+                       timeout=500)
+    assert r.returncode == 0, f"GPTQModel subprocess failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return {"w": w, "x": x, "layer": torch.load(work / "layer_out.pt"),
+            "load": json.loads((work / "load_out.json").read_text()), "dirs": dirs, "reports": reports}
+
+
+def test_layer_parity_with_gptqmodel(parity):
+    w, x, theirs = parity["w"], parity["x"], parity["layer"]
     acc = HessianAccumulator(w.shape[1])
     acc.add_batch(x)
+    g = GROUP
     tile = (1, g)
-    for bits in bits_list:
+    for bits in LAYER_BITS:
         t = theirs[bits]
         torch.testing.assert_close(acc.H, t["H"], rtol=1e-5, atol=1e-5)  # both 2/N_tokens * X^T X
         assert t["g_idx"].tolist() == [i // g for i in range(w.shape[1])]
@@ -124,74 +181,27 @@ def test_layer_parity_with_gptqmodel(gptq_python, tmp_path):
         # 2. the suite's default INTk GPTQ (float zeros, updated group parameters)
         c, s, z = gptq_quantize_weight(w, acc.H, bits, tile)
         err_ours = _rel_out_err(x, w, int_dequantize(c, s, z, tile))
-        same = float((c.float() == their_codes).float().mean())
+        same_default = float((c.float() == their_codes).float().mean())
         within1 = float(((c.float() - their_codes).abs() <= 1).float().mean())
-        print(f"bits={bits}: rel. layer-output error ours {err_ours:.4f}  GPTQModel {err_theirs:.4f} "
-              f"(ratio {err_ours / err_theirs:.3f}); codes equal {same:.3f}, within +-1 {within1:.3f}")
+        print(f"bits={bits}: reference mode codes equal {same:.4f}; default mode rel. layer-output error ours "
+              f"{err_ours:.4f} GPTQModel {err_theirs:.4f} (ratio {err_ours / err_theirs:.3f}), codes equal "
+              f"{same_default:.3f}, within +-1 {within1:.3f}")
+        # codes are not compared in the default mode: float vs integer zero points shift the rounding of about
+        # half the entries and the error feedback then diverges; the layer error is what GPTQ optimises
         if bits == 4:
             assert err_ours <= 1.05 * err_theirs
-            assert within1 > 0.9
         else:
             assert err_ours <= 1.15 * err_theirs
 
 
-LOAD_RUNNER = r"""
-import sys, json, torch
-from transformers import AutoModelForCausalLM
-res = {}
-for d in sys.argv[1:]:
-    m = AutoModelForCausalLM.from_pretrained(d, device_map="cpu", dtype=torch.float32)
-    ref = torch.load(d + "/ref.pt")
-    with torch.no_grad():
-        lg = m(ref["ids"]).logits.float()
-    res[d] = {"rounded": float((lg - ref["rounded"]).abs().max()), "float": float((lg - ref["float"]).abs().max()),
-              "module": type(m.model.layers[0].self_attn.q_proj).__name__}
-print("RESULT" + json.dumps(res))
-"""
-
-
-def _tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).float().eval()
-
-
-def test_transformers_loads_our_gptq_export(gptq_python, tmp_path):
-    import copy
-
-    from methods.quant.export import export_gptq_checkpoint, export_zero_points, zero_rounding_loss
-    from methods.quant.gptq import gptq_quantize_model
-    from methods.quant.linear import QuantLinear
-    from methods.quant.scheme import QuantScheme
-
-    ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(5))
-    calib = [torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    dirs, reports = [], {}
-    for bits in (2, 3, 4, 8):
-        model = _tiny_llama()
-        targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
-        gptq_quantize_model(model, targets, QuantScheme("int", bits, group_size=32), calib)  # float zeros
-        reports[bits] = zero_rounding_loss(model, ids)
-        rounded = copy.deepcopy(model)
-        for m in rounded.modules():
-            if isinstance(m, QuantLinear):
-                m.zeros.copy_(export_zero_points(m.zeros, bits)[0])
-                m.scales.copy_(m.scales.half().float())
-        d = tmp_path / f"int{bits}"
-        export_gptq_checkpoint(model, d, bits, 32, dtype=torch.float32)
-        with torch.no_grad():
-            torch.save({"ids": ids, "float": model(ids).logits, "rounded": rounded(ids).logits}, d / "ref.pt")
-        dirs.append(str(d))
-    out = _run(gptq_python, LOAD_RUNNER, *dirs, timeout=400)
-    res = json.loads(out.split("RESULT", 1)[1].strip().splitlines()[0])
-    for bits, d in zip((2, 3, 4, 8), dirs):
-        r = res[d]
+def test_transformers_loads_our_gptq_export(parity):
+    for bits, d in zip(CKPT_BITS, parity["dirs"]):
+        r = parity["load"][d]
+        rep = parity["reports"][bits]
         print(f"int{bits}: transformers+optimum+gptqmodel ({r['module']}) vs our rounded-zero model: max |dlogit| "
-              f"{r['rounded']:.2e}; vs float zeros {r['float']:.2e} (zero_rounding_loss said "
-              f"{reports[bits]['max_abs_dlogit_export']:.2e})")
+              f"{r['rounded']:.2e}; vs float zeros {r['float']:.2e} (zero_rounding_loss: "
+              f"{rep['max_abs_dlogit_export']:.2e}, ppl {rep['ppl_float_zeros']:.3f} -> {rep['ppl_export']:.3f})")
         assert r["rounded"] < 1e-2
         assert r["rounded"] < 0.2 * r["float"] or r["float"] < 1e-3
+        # the export loss that zero_rounding_loss reports is the one the loader sees
+        assert abs(r["float"] - rep["max_abs_dlogit_export"]) < 1e-2

@@ -63,7 +63,7 @@ def test_registry_has_every_method():
     assert set(methods.names()) >= {"lora", "qlora", "qalora", "loftq", "qbara", "qahira", "qahira-ref", "peqa"}
     for name in methods.names():
         m = methods.get(name)
-        assert m.name == name and m.summary and m.deploy in ("fp16-merge", "int-merge", "4+16")
+        assert m.name == name and m.summary and m.deploy in ("fp16-merge", "int-merge", "4+16", "base")
 
 
 def test_public_interface_example():

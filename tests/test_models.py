@@ -72,7 +72,7 @@ def test_tiny_llama_is_deterministic_for_its_seed():
     assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], c["model.layers.0.self_attn.q_proj.weight"])
 
 
-def test_load_tiny_llama_with_real_tokenizer(qft_cache, smollm2_dir):
+def test_load_tiny_llama_with_real_tokenizer(qft_cache):
     model, tok = load_model("tiny-llama", cache_dir=qft_cache)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert len(tok) == model.config.vocab_size == 49152
@@ -104,6 +104,7 @@ def test_tiny_tokenizer_alone_is_extracted_atomically(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ SmolLM2
+@pytest.mark.slow
 def test_smollm2_conversion_config(smollm2_dir):
     cfg = json.loads((smollm2_dir / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"]
@@ -114,6 +115,7 @@ def test_smollm2_conversion_config(smollm2_dir):
     assert not list(smollm2_dir.parent.glob(".smollm2-135m.tmp-*")), "no temporary folder may remain"
 
 
+@pytest.mark.slow
 def test_smollm2_generates_sensible_text_and_is_reused(smollm2_dir, qft_cache):
     weights = smollm2_dir / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
@@ -138,11 +140,13 @@ def test_smollm2_generates_sensible_text_and_is_reused(smollm2_dir, qft_cache):
     assert dict((n, (o, i)) for n, o, i in shapes)["model.layers.29.self_attn.v_proj"] == (192, 576)
 
 
+@pytest.mark.slow
 def test_smollm2_dtype(smollm2_dir, qft_cache):
     model, _ = load_model("smollm2-135m", dtype=torch.bfloat16, cache_dir=qft_cache)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+@pytest.mark.slow
 def test_killed_conversion_leaves_no_model_folder(tmp_path):
     """SIGKILL in the middle of a conversion: no half folder; the stale temp folder is cleaned later."""
     code = ("import sys; from qftbench.models import ensure_smollm2; ensure_smollm2(sys.argv[1])")
@@ -210,7 +214,7 @@ def test_offline_hub_id_not_cached_error(tmp_path, monkeypatch):
     assert "'huggyllama/llama-7b'" in msg and "offline" in msg and "Fix:" in msg
 
 
-def test_local_folder_roundtrip(tmp_path, qft_cache, smollm2_dir):
+def test_local_folder_roundtrip(tmp_path, qft_cache):
     """A saved tiny-llama folder loads back through the ordinary from_pretrained path."""
     model, tok = load_model("tiny-llama", cache_dir=qft_cache)
     model.save_pretrained(tmp_path / "m")
@@ -233,3 +237,8 @@ def test_linear_shapes_from_config_alone():
                            ("model.layers.0.mlp.up_proj", 11008, 4096),
                            ("model.layers.0.mlp.down_proj", 4096, 11008)]
     assert shapes[-1][0] == "model.layers.31.mlp.down_proj"
+
+
+def test_typo_of_builtin_name_error():
+    with pytest.raises(ModelLoadError, match=r"Unknown model 'tiny_llama'\. Did you mean \"tiny-llama\"\?.*Fix:"):
+        load_model("tiny_llama")

@@ -6,8 +6,8 @@
 #
 # Settings (environment):
 #   QFT_SLURM_DIR          state/spool/log/config dir            (default /tmp/qft-slurm)
-#   QFT_SLURM_ACCOUNTING   slurmdbd | none                      (default slurmdbd: sacct works, the plugin's
-#                          default status command; "none" = no MariaDB, then use --slurm-status-command squeue)
+#   QFT_SLURM_ACCOUNTING   none | slurmdbd                      (default none: no MariaDB; Snakemake polls
+#                          with squeue, see README. slurmdbd: MariaDB + slurmdbd, so that sacct works too)
 #   QFT_SLURM_MEM_FRACTION fraction of RAM given to the node      (default 0.85)
 #   QFT_SLURM_DEF_MEM_PER_CPU  DefMemPerCPU in MB                 (default 1024)
 #   QFT_SLURM_CLUSTER      ClusterName                            (default ci)
@@ -33,6 +33,11 @@ die() { log "ERROR: $*"; exit 1; }
 [[ $(id -u) == 0 ]] || die "must run as root"
 command -v apt-get >/dev/null || die "apt-get not found (Debian/Ubuntu only)"
 case $ACCOUNTING in slurmdbd|none) ;; *) die "QFT_SLURM_ACCOUNTING must be slurmdbd or none" ;; esac
+
+# one start.sh at a time (two test sessions starting together); daemons are started with 9>&- so that
+# they do not inherit (and hold) the lock
+exec 9>"${DIR%/}.lock"
+timeout 900 flock 9 || die "another ci/slurm/start.sh holds ${DIR%/}.lock"
 
 # ---------------------------------------------------------------- packages
 PKGS=(slurm-wlm munge)
@@ -176,7 +181,7 @@ else
   fi
   install -d -o munge -g munge -m 755 /run/munge
   install -d -o munge -g munge -m 700 /var/log/munge /var/lib/munge
-  timeout 20 runuser -u munge -- /usr/sbin/munged --force </dev/null >/dev/null 2>&1
+  timeout 20 runuser -u munge -- /usr/sbin/munged --force </dev/null >/dev/null 2>&1 9>&-
   wait_for 20 munged bash -c 'munge -n </dev/null | unmunge'
   log "munged started"
 fi
@@ -186,7 +191,7 @@ if [[ $ACCOUNTING == slurmdbd ]]; then
   if timeout 10 mariadb -e 'SELECT 1' >/dev/null 2>&1; then
     log "mariadb already running"
   else
-    timeout 90 /etc/init.d/mariadb start </dev/null >"$DIR/log/mariadb-start.log" 2>&1 \
+    timeout 90 /etc/init.d/mariadb start </dev/null >"$DIR/log/mariadb-start.log" 2>&1 9>&- \
       || { cat "$DIR/log/mariadb-start.log"; die "mariadb did not start"; }
     wait_for 60 mariadb timeout 5 mariadb -e 'SELECT 1'
     log "mariadb started"
@@ -197,7 +202,7 @@ if [[ $ACCOUNTING == slurmdbd ]]; then
   if pid_alive "$DIR/run/slurmdbd.pid" slurmdbd; then
     log "slurmdbd already running"
   else
-    timeout 30 /usr/sbin/slurmdbd </dev/null >>"$DIR/log/slurmdbd.out" 2>&1
+    timeout 30 /usr/sbin/slurmdbd </dev/null >>"$DIR/log/slurmdbd.out" 2>&1 9>&-
     wait_for 60 slurmdbd timeout 5 sacctmgr -n list cluster
     log "slurmdbd started"
   fi
@@ -215,14 +220,14 @@ if pid_alive "$DIR/run/slurmctld.pid" slurmctld; then
     log "slurmctld already running"
   fi
 else
-  timeout 30 /usr/sbin/slurmctld </dev/null >>"$DIR/log/slurmctld.out" 2>&1
+  timeout 30 /usr/sbin/slurmctld </dev/null >>"$DIR/log/slurmctld.out" 2>&1 9>&-
   wait_for 30 slurmctld timeout 5 scontrol ping
   log "slurmctld started"
 fi
 if pid_alive "$DIR/run/slurmd.pid" slurmd; then
   log "slurmd already running"
 else
-  timeout 30 /usr/sbin/slurmd </dev/null >>"$DIR/log/slurmd.out" 2>&1
+  timeout 30 /usr/sbin/slurmd </dev/null >>"$DIR/log/slurmd.out" 2>&1 9>&-
   log "slurmd started"
 fi
 

@@ -56,7 +56,14 @@ def _linear4bit_cls():
                     return super().forward(x)
                 in_dtype = x.dtype
                 dtype = self.compute_dtype or x.dtype
-                w = dequantize_linear4bit(self).to(dtype)
+                # the frozen NF4 weight, dequantized once and cached (keyed on the packed data's identity)
+                key = (dtype, self.weight.data_ptr(), self.weight._version)
+                cache = self.__dict__.get("_wcache")
+                if cache is None or cache[0] != key:
+                    with torch.no_grad():
+                        cache = (key, dequantize_linear4bit(self).to(dtype))
+                    self.__dict__["_wcache"] = cache
+                w = cache[1]
                 b = None if self.bias is None else self.bias.to(dtype)
                 return torch.nn.functional.linear(x.to(dtype), w, b).to(in_dtype)
 
@@ -137,8 +144,11 @@ def _dequantize_nf4(packed: torch.Tensor, qs) -> torch.Tensor:
         numel *= d
     codes = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:numel]
     table = get_4bit_type(qs.quant_type, device=p.device).float()
-    scale = _nested_absmax(qs).repeat_interleave(qs.blocksize)[:numel]
-    return (table[codes.long()] * scale).reshape(tuple(qs.shape))
+    absmax = _nested_absmax(qs)
+    vals = table[codes.long()]
+    pad = absmax.numel() * qs.blocksize - numel
+    vals = torch.nn.functional.pad(vals, (0, pad)).view(-1, qs.blocksize) * absmax.view(-1, 1)
+    return vals.reshape(-1)[:numel].reshape(tuple(qs.shape))
 
 
 def dequantize_linear4bit(module: nn.Module) -> torch.Tensor:

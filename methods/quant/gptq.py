@@ -77,7 +77,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, ShapeError, did_you_mean
 from .intk import check_bits, check_tile, int_params
 
 __all__ = [
@@ -376,7 +376,6 @@ def gptq_quantize_model(
     modules = dict(model.named_modules())
     for t in target_names:
         if t not in modules:
-            from ..errors import did_you_mean
             raise ConfigError(f"gptq_quantize_model: no module named {t!r}.{did_you_mean(t, modules)}")
         if not isinstance(modules[t], nn.Linear):
             raise ConfigError(f"gptq_quantize_model: {t!r} is a {type(modules[t]).__name__}, not nn.Linear.")

@@ -80,8 +80,11 @@ def int_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: in
 def int_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, tile: Tile,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``scale * (q - zero)`` broadcast over blocks, computed in float32 and cast to ``dtype``."""
-    w = expand(scale.float(), tile) * (codes.float() - expand(zero.float(), tile))
-    return w.to(dtype)
+    d_out, d_in = codes.shape
+    to, ti = tile
+    q = codes.float().view(d_out // to, to, d_in // ti, ti)
+    w = scale.float()[:, None, :, None] * (q - zero.float()[:, None, :, None])
+    return w.reshape(d_out, d_in).to(dtype)
 
 
 def int_quantize(w: torch.Tensor, bits: int, tile: Tile) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -33,6 +33,10 @@ _FLOAT32_BUFFERS = ("scales", "zeros", "absmax", "codebook", "bias")
 
 
 class QuantLinear(nn.Module):
+    #: cache the dequantized frozen weight between forwards: "auto" (on the CPU, where dequantizing every
+    #: call dominates the step time; on a GPU the weight is dequantized per call and never held), True, False
+    CACHE_DEQUANTIZED = "auto"
+
     """Frozen quantized linear layer; ``y = x W~ᵀ + b`` with ``W~`` dequantized on the fly."""
 
     def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, bias: bool = False,
@@ -150,11 +154,43 @@ class QuantLinear(nn.Module):
         scale = self.absmax.repeat_interleave(self.scheme.blocksize)[: flat.numel()]
         return (flat * scale).reshape(self.out_features, self.in_features).to(dtype)
 
+    def _cache_ok(self) -> bool:
+        mode = QuantLinear.CACHE_DEQUANTIZED
+        return bool(mode) if mode != "auto" else self.qweight.device.type == "cpu"
+
+    def _cached_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight for the forward, cached on the CPU (see ``CACHE_DEQUANTIZED``).
+
+        The cache is keyed on the version counters of the codes and statistics, so any in-place change (a
+        merge, ``load_state_dict``) invalidates it. With a trainable ``scale_delta`` (PEQA) only ``Q − Z`` is
+        cached and the (differentiable) scales are applied on every call."""
+        if not self._cache_ok():
+            return self.dequantize(dtype)
+        stats = [self.qweight] + ([self.scales, self.zeros] if self.scheme.kind == "int" else [self.absmax])
+        key = (dtype, tuple((t.data_ptr(), t._version) for t in stats))
+        peqa = self.scheme.kind == "int" and self.scale_delta is not None and not self.scale_delta_disabled
+        if peqa:
+            key = key + ("q-z",)
+        cache = self.__dict__.get("_wcache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                if peqa:
+                    to, ti = self.scheme.block()
+                    q = self.codes().float().view(self.out_features // to, to, self.in_features // ti, ti)
+                    val = q - self.zeros.float()[:, None, :, None]
+                else:
+                    val = self.dequantize(dtype)
+            self.__dict__["_wcache"] = cache = (key, val)
+        if not peqa:
+            return cache[1]
+        s = self.effective_scales()[:, None, :, None]
+        return (s * cache[1]).reshape(self.out_features, self.in_features).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
         dtype = self.compute_dtype or x.dtype
         x = x.to(dtype)
-        w = self.dequantize(dtype)
+        w = self._cached_weight(dtype)
         b = None if self.bias is None else self.bias.to(dtype)
         return F.linear(x, w, b).to(in_dtype)
 

@@ -1,0 +1,613 @@
+"""Result tables: collect finished runs into one long DataFrame, aggregate over seeds, lay out the papers' tables.
+
+    from qftbench import report, plots
+    df = report.collect("results")                      # one row per (run, mode, task, shots, category, metric)
+    tabs = report.tables(df)                            # {name: DataFrame}, joined with the published numbers
+    report.write_tables(tabs, "results/tables")         # <name>.csv, <name>.md, <name>.tex for every table
+    plots.make_figures(df, "results/figures")
+
+or ``python -m qftbench.report results results/report``.
+
+Values are accuracies in percent (as the papers print them). Runs that differ only in their seeds (the
+top-level ``seed``, ``method.seed``, ``data.seed``, ``calibration.seed``) share a ``config_id``; every table
+shows the mean over those seeds, with ``± std`` (sample standard deviation) where there are several.
+Only finished runs (``train.json`` present) are read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import pandas as pd
+import yaml
+
+PAPER_CSV = Path(__file__).resolve().parent / "reference" / "paper_results.csv"
+
+#: the seven zero-shot commonsense tasks, in the column order of QA-LoRA's Table 3
+COMMONSENSE_TASKS = ("hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa")
+COMMONSENSE_LABELS = {"hellaswag": "HellaSwag", "piqa": "PIQA", "winogrande": "WinoGrande", "arc_easy": "ARC-e",
+                      "arc_challenge": "ARC-c", "boolq": "BoolQ", "openbookqa": "OBQA"}
+#: evaluate()'s MMLU category keys -> the papers' (and this module's) category names
+MMLU_CATEGORIES = {"humanities": "humanities", "stem": "stem", "social_sciences": "social", "other": "other"}
+CATEGORY_ORDER = ("humanities", "stem", "social", "other", "avg")
+CATEGORY_LABELS = {"humanities": "Hums.", "stem": "STEM", "social": "Social", "other": "Other", "avg": "Avg."}
+
+RUN_COLUMNS = ["run_id", "model", "method", "data", "bits", "group_size", "rank", "seed"]
+EVAL_COLUMNS = ["mode", "task", "shots", "category", "metric", "value", "stderr", "n"]
+EXTRA_COLUMNS = ["alpha", "deploy_mode", "deploy_bits", "deploy_group_size", "config_id", "run_dir"]
+ACCOUNTING_COLUMNS = ["trainable_params", "adapter_flops_per_token", "train_flops_per_token", "train_flops_total",
+                      "bits_per_param", "train_time_s", "peak_mem_mb", "tokens_per_s", "train_steps"]
+COLUMNS = RUN_COLUMNS + EVAL_COLUMNS + EXTRA_COLUMNS + ACCOUNTING_COLUMNS
+
+#: replicates (seeds) of one configuration are averaged over these keys
+GROUP_KEYS = ["model", "method", "data", "mode", "deploy_bits", "deploy_group_size", "rank", "alpha", "config_id",
+              "task", "shots", "category", "metric"]
+
+#: the paper's method name -> (suite method, evaluation mode); None: no counterpart in the suite
+PAPER_METHODS: dict[str, tuple[str, str] | None] = {
+    "QLoRA": ("qlora", "4+16"),
+    "QLoRA (NF4+DQ)": ("qlora", "4+16"),
+    "QLoRA (FP4)": None,
+    "QLoRA w/ GPTQ": ("qlora", "requant"),
+    "QA-LoRA": ("qalora", "int-merge"),
+    "PEQA": ("peqa", "int-merge"),
+    "LoRA (BF16 base)": ("lora", "fp16-merge"),
+    "LoRA 16-bit": ("lora", "fp16-merge"),
+    "LoftQ": ("loftq", "4+16"),
+    "base": ("base", "base"),
+    "base w/ GPTQ": ("base", "base"),
+}
+#: a suite method's own deployment mode (as methods.<name>.deploy), for runs whose accounting lacks it
+DEPLOY_MODE = {"lora": "fp16-merge", "qlora": "4+16", "loftq": "4+16", "qbara": "4+16", "qalora": "int-merge",
+               "qahira": "int-merge", "qahira-ref": "int-merge", "peqa": "int-merge", "base": "base"}
+DEFAULT_REQUANT = {"bits": 4, "group_size": 32, "quantizer": "rtn"}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def norm_task(name: str) -> str:
+    """``qft_X`` -> ``X`` (the offline mirrors are named after lm-eval's tasks)."""
+    return name[4:] if name.startswith("qft_") else name
+
+
+def paper_model(name: str) -> str:
+    """A model name as the reference CSV spells it: ``huggyllama/llama-7b`` -> ``llama-7b``,
+    ``meta-llama/Llama-2-7b-hf`` -> ``llama2-7b``."""
+    n = Path(str(name)).name.lower()
+    n = n.replace("llama-2-", "llama2-")
+    return n[:-3] if n.endswith("-hf") else n
+
+
+def _pct(v) -> float:
+    return float(v) * 100.0 if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+def _int_or_none(v):
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def config_id(cfg: Mapping) -> str:
+    """Hash of the training-relevant config with every seed removed: runs that differ only in seeds share it."""
+    c = {k: cfg.get(k) for k in ("model", "method", "data", "calibration", "train")}
+    c = json.loads(json.dumps(c, default=str))
+    for sec in ("method", "data", "calibration", "train"):
+        if isinstance(c.get(sec), dict):
+            c[sec].pop("seed", None)
+    return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def deployment(method: Mapping, mode: str, eval_cfg: Mapping | None = None) -> tuple[str, int | None]:
+    """``(bits, group_size)`` of the weights as evaluated in ``mode``, in the papers' notation: ``"4+16"`` for a
+    4-bit base with a 16-bit adapter, ``"16"`` for an fp16 merge, the requantization's bits for ``requant``."""
+    bits, group = method.get("bits"), method.get("group_size")
+    if mode == "4+16":
+        return f"{bits}+16", _int_or_none(group)
+    if mode == "fp16-merge":
+        return "16", None
+    if mode == "requant":
+        rq = {**DEFAULT_REQUANT, **((eval_cfg or {}).get("requant") or {})}
+        return str(rq["bits"]), _int_or_none(rq["group_size"])
+    if bits is None:
+        return "", None
+    return str(bits), (_int_or_none(group) if int(bits) < 16 else None)
+
+
+def read_train_log(path: str | os.PathLike) -> pd.DataFrame:
+    """``train_log.jsonl`` as a DataFrame, one row per step (a step logged twice around a resume: the last
+    wins; ``{"event": ...}`` lines are skipped)."""
+    p = Path(path)
+    steps: dict[int, dict] = {}
+    if p.is_file():
+        for line in p.read_text().splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a crash
+                continue
+            if "event" in r or "step" not in r or "loss" not in r:
+                continue
+            steps[int(r["step"])] = r
+    df = pd.DataFrame([steps[k] for k in sorted(steps)])
+    return df if len(df) else pd.DataFrame(columns=["step", "loss"])
+
+
+def _read_json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# ------------------------------------------------------------------------------------------------ collect
+def _eval_rows(res: Mapping, mode: str) -> list[dict]:
+    """Long rows of one ``evaluate()`` output (values in percent)."""
+    file_shots = res.get("num_fewshot")
+    file_shots = file_shots if isinstance(file_shots, int) else 0
+    rows: list[dict] = []
+
+    def add(task, shots, category, metric, value, stderr=None, n=None):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return
+        rows.append({"mode": mode, "task": task, "shots": shots, "category": category, "metric": metric,
+                     "value": _pct(value), "stderr": _pct(stderr), "n": n})
+
+    for task, r in (res.get("tasks") or {}).items():
+        shots = r.get("num_fewshot") if isinstance(r.get("num_fewshot"), int) else file_shots
+        for metric in ("acc", "acc_norm"):
+            add(norm_task(task), shots, "", metric, r.get(metric), r.get(f"{metric}_stderr"), r.get("n"))
+    for suite, block in (res.get("mmlu") or {}).items():
+        shots = block.get("num_fewshot") if isinstance(block.get("num_fewshot"), int) else file_shots
+        task = norm_task(suite)
+        for metric in ("acc_micro", "acc_macro"):
+            add(task, shots, "avg", metric, block.get(metric), block.get(f"{metric}_stderr"), block.get("n"))
+            for cat, label in MMLU_CATEGORIES.items():
+                c = (block.get("categories") or {}).get(cat) or {}
+                add(task, shots, label, metric, c.get(metric), c.get(f"{metric}_stderr"), c.get("n"))
+    cs = res.get("commonsense")
+    if isinstance(cs, Mapping) and cs.get("acc_mean") is not None:
+        add("commonsense_avg", file_shots, "", "acc", cs["acc_mean"])
+        add("commonsense_avg", file_shots, "", "acc_norm_else_acc", cs.get("acc_norm_else_acc_mean"))
+    elif isinstance(res.get("commonsense_avg"), (int, float)):
+        add("commonsense_avg", file_shots, "", "acc", res["commonsense_avg"])
+    return rows
+
+
+def _run_info(rd: Path) -> dict | None:
+    cfg = yaml.safe_load((rd / "config.yaml").read_text()) if (rd / "config.yaml").is_file() else None
+    if not cfg:
+        return None
+    m, train, acc = cfg.get("method") or {}, _read_json(rd / "train.json"), _read_json(rd / "accounting.json")
+    return {
+        "run_id": rd.name,
+        "model": Path(str(cfg["model"]["name"])).name,
+        "method": m.get("name"),
+        "data": (cfg.get("data") or {}).get("source"),
+        "bits": _int_or_none(m.get("bits")),
+        "group_size": _int_or_none(m.get("group_size")),
+        "rank": _int_or_none(m.get("rank")),
+        "seed": _int_or_none(cfg.get("seed")),
+        "alpha": float(m["alpha"]) if isinstance(m.get("alpha"), (int, float)) else None,
+        "deploy_mode": acc.get("deploy") or DEPLOY_MODE.get(m.get("name"), ""),
+        "config_id": config_id(cfg),
+        "run_dir": str(rd.resolve()),
+        "trainable_params": acc.get("trainable_params"),
+        "adapter_flops_per_token": acc.get("adapter_flops_per_token"),
+        "train_flops_per_token": acc.get("train_flops_per_token"),
+        "train_flops_total": acc.get("train_flops_total"),
+        "bits_per_param": acc.get("bits_per_param"),
+        "train_time_s": train.get("wall_time_s"),
+        "peak_mem_mb": train.get("peak_mem_mb"),
+        "tokens_per_s": train.get("tokens_per_s"),
+        "train_steps": train.get("steps"),
+        "_method_cfg": m,
+        "_eval_cfg": cfg.get("eval") or {},
+    }
+
+
+def collect(results_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every evaluation of every finished run under ``results_dir/runs`` (or ``results_dir`` itself when it
+    holds run folders), long format: one row per (run, mode, task, shots, category, metric).
+
+    Columns: see :data:`COLUMNS`. ``task`` has ``qft_`` stripped; ``category`` is humanities/stem/social/
+    other/avg for MMLU, '' otherwise; ``value``/``stderr`` are percent. ``commonsense_avg`` (plain mean of the
+    seven tasks' acc) is taken from the eval file, or computed when the seven tasks were evaluated in separate
+    files of the same run, mode and shots.
+    """
+    root = Path(results_dir)
+    runs_root = root / "runs" if (root / "runs").is_dir() else root
+    rows: list[dict] = []
+    for rd in sorted(p for p in runs_root.iterdir() if p.is_dir()) if runs_root.is_dir() else []:
+        if not (rd / "train.json").is_file():
+            continue
+        info = _run_info(rd)
+        if info is None:
+            continue
+        mcfg, ecfg = info.pop("_method_cfg"), info.pop("_eval_cfg")
+        run_rows: dict[tuple, dict] = {}
+        for p in sorted((rd / "eval").glob("*/*.json")):
+            res = _read_json(p)
+            mode = res.get("mode") or p.parent.name
+            for r in _eval_rows(res, mode):
+                key = (r["mode"], r["task"], r["shots"], r["category"], r["metric"])
+                run_rows[key] = r  # the same number evaluated twice: the last file (by name) wins
+        # commonsense mean computed across files
+        by = {}
+        for (mode, task, shots, cat, metric), r in run_rows.items():
+            if task in COMMONSENSE_TASKS and metric == "acc":
+                by.setdefault((mode, shots), {})[task] = r["value"]
+        for (mode, shots), vals in by.items():
+            if all(t in vals for t in COMMONSENSE_TASKS) and (mode, "commonsense_avg", shots, "", "acc") not in run_rows:
+                run_rows[(mode, "commonsense_avg", shots, "", "acc")] = {
+                    "mode": mode, "task": "commonsense_avg", "shots": shots, "category": "", "metric": "acc",
+                    "value": sum(vals[t] for t in COMMONSENSE_TASKS) / len(COMMONSENSE_TASKS),
+                    "stderr": math.nan, "n": None}
+        for r in run_rows.values():
+            dbits, dgroup = deployment(mcfg, r["mode"], ecfg)
+            rows.append({**info, **r, "deploy_bits": dbits, "deploy_group_size": dgroup})
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    for c in ("bits", "group_size", "rank", "seed", "shots", "n", "deploy_group_size", "trainable_params",
+              "train_steps"):
+        df[c] = df[c].astype("Int64")
+    for c in ("value", "stderr", "alpha", "adapter_flops_per_token", "train_flops_per_token", "train_flops_total",
+              "bits_per_param", "train_time_s", "peak_mem_mb", "tokens_per_s"):
+        df[c] = df[c].astype("float64")
+    for c in ("run_id", "model", "method", "data", "mode", "task", "category", "metric", "deploy_mode",
+              "deploy_bits", "config_id", "run_dir"):
+        df[c] = df[c].astype(object).where(df[c].notna(), "").astype(str)
+    return df
+
+
+# ------------------------------------------------------------------------------------------------ aggregate
+def aggregate(df: pd.DataFrame, value: str = "value", keys: Iterable[str] = GROUP_KEYS) -> pd.DataFrame:
+    """Mean, sample std and number of seeds of ``value`` per configuration (``keys``)."""
+    keys = list(keys)
+    if df.empty:
+        return pd.DataFrame(columns=keys + ["mean", "std", "n_seeds", "seeds"])
+    g = df.groupby(keys, dropna=False, sort=True)
+    out = g[value].agg(["mean", "std"]).reset_index()
+    out["n_seeds"] = g["seed"].nunique(dropna=False).to_numpy()
+    out["seeds"] = g["seed"].agg(lambda s: ",".join(str(x) for x in sorted(s.dropna().unique()))).to_numpy()
+    out.loc[out["n_seeds"] < 2, "std"] = math.nan
+    return out
+
+
+def fmt_pm(mean: float, std: float, digits: int = 1) -> str:
+    """``38.4`` or ``38.4 ± 0.3`` (std shown when there are several seeds); '' for a missing value."""
+    if mean is None or pd.isna(mean):
+        return ""
+    s = f"{mean:.{digits}f}"
+    return s if std is None or pd.isna(std) else f"{s} ± {std:.{digits}f}"
+
+
+ROW_KEYS = ["model", "method", "mode", "data", "deploy_bits", "deploy_group_size", "rank"]
+ROW_LABELS = {"deploy_bits": "bits", "deploy_group_size": "group"}
+
+
+def _wide(agg: pd.DataFrame, col_of, order: list[str], digits: int = 1) -> pd.DataFrame:
+    """Pivot aggregated rows to one row per configuration, one string cell per column ``col_of(row)``."""
+    if agg.empty:
+        return pd.DataFrame(columns=[ROW_LABELS.get(k, k) for k in ROW_KEYS] + order + ["seeds"])
+    agg = agg.copy()
+    agg["col"] = [col_of(r) for r in agg.itertuples(index=False)]
+    agg = agg[agg["col"].notna()]
+    agg["cell"] = [fmt_pm(m, s, digits) for m, s in zip(agg["mean"], agg["std"])]
+    rk = ROW_KEYS + ["config_id"]
+    agg[rk] = agg[rk].astype(object).where(agg[rk].notna(), "")
+    wide = agg.pivot_table(index=rk, columns="col", values="cell", aggfunc="first").reindex(
+        columns=[c for c in order if c in set(agg["col"])])
+    seeds = agg.groupby(rk)["n_seeds"].max()
+    wide["seeds"] = seeds.reindex(wide.index).astype(int)
+    wide = wide.fillna("").reset_index()
+    # a config hash only where two configurations would otherwise look the same
+    if wide.duplicated(ROW_KEYS).any():
+        wide = wide.rename(columns={"config_id": "config"})
+    else:
+        wide = wide.drop(columns="config_id")
+    wide = _sort_rows(wide)
+    wide.columns.name = None
+    return wide.rename(columns=ROW_LABELS)
+
+
+METHOD_ORDER = ["base", "lora", "qlora", "loftq", "qbara", "qalora", "qahira", "qahira-ref", "peqa"]
+MODE_ORDER = ["base", "fp16-merge", "4+16", "int-merge", "requant"]
+
+
+def _sort_rows(t: pd.DataFrame) -> pd.DataFrame:
+    def key(col: pd.Series):
+        if col.name == "method":
+            return col.map(lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)))
+        if col.name == "mode":
+            return col.map(lambda m: (MODE_ORDER.index(m) if m in MODE_ORDER else len(MODE_ORDER)))
+        if col.name in ("deploy_bits", "bits"):
+            return col.map(lambda b: -float(str(b).split("+")[0]) if str(b) not in ("", "<NA>") else 0.0)
+        if col.name in ("rank", "deploy_group_size", "group", "group_size"):
+            return col.map(lambda v: float(v) if str(v) not in ("", "<NA>", "nan") else -1.0)
+        return col.astype(str)
+
+    cols = [c for c in ("model", "data", "method", "mode", "deploy_bits", "deploy_group_size", "rank") if c in t]
+    return t.sort_values(cols, key=key, kind="stable").reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def _mmlu_table(agg: pd.DataFrame, metric: str) -> pd.DataFrame:
+    a = agg[(agg["task"] == "mmlu") & (agg["metric"] == metric)]
+    shots = sorted({int(s) for s in a["shots"].dropna()})
+    order = [f"{s}-shot {CATEGORY_LABELS[c]}" for s in shots for c in CATEGORY_ORDER]
+    return _wide(a, lambda r: f"{int(r.shots)}-shot {CATEGORY_LABELS.get(r.category, r.category)}", order)
+
+
+def _commonsense_table(agg: pd.DataFrame) -> pd.DataFrame:
+    a = agg[agg["task"].isin(COMMONSENSE_TASKS + ("commonsense_avg",)) & (agg["metric"] == "acc")]
+    multi = a["shots"].nunique() > 1
+
+    def col(r):
+        label = COMMONSENSE_LABELS.get(r.task, "Avg.")
+        return f"{label} ({int(r.shots)}-shot)" if multi else label
+
+    labels = [COMMONSENSE_LABELS[t] for t in COMMONSENSE_TASKS] + ["Avg."]
+    shots = sorted({int(s) for s in a["shots"].dropna()})
+    order = [f"{lab} ({s}-shot)" for s in shots for lab in labels] if multi else labels
+    return _wide(a, col, order)
+
+
+def _synthetic_table(agg: pd.DataFrame) -> pd.DataFrame:
+    a = agg[agg["task"] == "synthetic"]
+    return _wide(a, lambda r: f"{r.metric} (%)" if r.metric == "acc" else None, ["acc (%)"])
+
+
+EFFICIENCY_LABELS = {
+    "trainable_params": "trainable params", "adapter_flops_per_token": "adapter FLOPs/token",
+    "train_flops_per_token": "train FLOPs/token", "train_flops_total": "total train FLOPs",
+    "bits_per_param": "bits/param", "train_time_s": "train time (s)", "peak_mem_mb": "peak mem (MB)",
+    "tokens_per_s": "tokens/s",
+}
+
+
+def _fmt_sci(v: float) -> str:
+    if pd.isna(v):
+        return ""
+    return f"{int(round(v))}" if abs(v) < 1e6 else f"{v:.3g}"
+
+
+def _efficiency_table(df: pd.DataFrame) -> pd.DataFrame:
+    keys = ["model", "method", "data", "bits", "group_size", "rank", "alpha", "config_id"]
+    cols = list(EFFICIENCY_LABELS)
+    runs = df.drop_duplicates("run_id")[keys + ["seed"] + cols]
+    if runs.empty:
+        return pd.DataFrame(columns=["model", "method", "data", "bits", "group", "rank"]
+                            + list(EFFICIENCY_LABELS.values()) + ["seeds"])
+    runs = runs.copy()
+    runs[keys] = runs[keys].astype(object).where(runs[keys].notna(), "")
+    g = runs.groupby(keys, sort=False)
+    out = g.size().rename("seeds").reset_index()[keys]
+    for c in cols:
+        vals = runs[c].astype("float64")
+        mean, std, n = vals.groupby([runs[k] for k in keys], sort=False).agg(["mean", "std", "count"]).T.to_numpy()
+        cells = []
+        for m, s, k in zip(mean, std, n):
+            if c in ("trainable_params",):
+                cells.append("" if pd.isna(m) else f"{int(round(m))}")
+            elif c in ("adapter_flops_per_token", "train_flops_per_token", "train_flops_total"):
+                cells.append(_fmt_sci(m))
+            elif c == "bits_per_param":
+                cells.append(fmt_pm(m, None, 2))
+            else:
+                cells.append(fmt_pm(m, s if k > 1 else None, 1))
+        out[EFFICIENCY_LABELS[c]] = cells
+    out["seeds"] = g["seed"].nunique().to_numpy()
+    out = _sort_rows(out)
+    if out.duplicated(["model", "method", "data", "bits", "group_size", "rank", "alpha"]).any():
+        out = out.rename(columns={"config_id": "config"})
+    else:
+        out = out.drop(columns="config_id")
+    if out["alpha"].astype(str).nunique() <= 1:
+        out = out.drop(columns="alpha")
+    else:
+        out["alpha"] = [f"{a:g}" if isinstance(a, float) else str(a) for a in out["alpha"]]
+    return out.rename(columns={"group_size": "group"})
+
+
+def load_paper(paper_csv: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The published numbers (default: the packaged copy :data:`PAPER_CSV`)."""
+    p = pd.read_csv(paper_csv or PAPER_CSV, dtype=str, keep_default_na=False)
+    p["value"] = pd.to_numeric(p["value"], errors="coerce")
+    return p
+
+
+def _paper_metric(row) -> str:
+    if row["metric"] == "acc" and row["task"] == "mmlu":
+        return "acc_macro" if str(row["source"]).startswith("QLoRA") else "acc_micro"
+    return row["metric"]
+
+
+def _num_bits(b) -> float | None:
+    s = str(b).split("+")[0].strip()
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+def paper_vs_reproduced(df: pd.DataFrame, paper_csv: str | os.PathLike | None = None) -> pd.DataFrame:
+    """One row per reproduced headline number (MMLU acc_micro/acc_macro, task acc, commonsense_avg acc,
+    trainable params) and matching published row; reproduced numbers that were not published keep an empty
+    ``paper`` (several published rows for one number, e.g. QA-LoRA Table 1 and Table 5: one row each)."""
+    cols = ["model", "method", "mode", "data", "bits", "group", "rank", "task", "shots", "category", "metric",
+            "paper", "reproduced", "std", "n_seeds", "diff", "paper_method", "paper_source", "paper_note"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    head = df[(df["metric"].isin(["acc_micro", "acc_macro"]) & (df["task"] == "mmlu"))
+              | ((df["metric"] == "acc") & (df["task"] != "mmlu"))]
+    rep = aggregate(head)
+    # trainable parameters, once per configuration (the mode does not matter)
+    runs = df.drop_duplicates("run_id").copy()
+    runs["mode"], runs["deploy_bits"], runs["deploy_group_size"] = "", "", pd.NA
+    runs["bits"] = runs["bits"].astype(object)
+    runs["deploy_bits"] = [("" if pd.isna(b) else str(b)) for b in runs["bits"]]
+    runs["deploy_group_size"] = runs["group_size"]
+    runs["task"], runs["shots"], runs["category"], runs["metric"] = "efficiency", pd.NA, "", "trainable_params"
+    runs["value"] = runs["trainable_params"].astype("float64")
+    rep = pd.concat([rep, aggregate(runs[runs["value"].notna()])], ignore_index=True)
+
+    paper = load_paper(paper_csv)
+    paper = paper.assign(suite=[PAPER_METHODS.get(m) for m in paper["method"]])
+    paper = paper[paper["suite"].notna()]
+    index: dict[tuple, list] = {}
+    for _, pr in paper.iterrows():
+        method, mode = pr["suite"]
+        shots = int(pr["shots"]) if pr["shots"] != "" else None
+        key = (pr["model"], method, pr["task"], shots, pr["category"], _paper_metric(pr))
+        index.setdefault(key, []).append((mode, pr))
+
+    out = []
+    for r in rep.itertuples(index=False):
+        shots = None if pd.isna(r.shots) else int(r.shots)
+        matches = []
+        for mode, pr in index.get((paper_model(r.model), r.method, r.task, shots, r.category, r.metric), []):
+            if r.task != "efficiency" and mode != r.mode:
+                continue
+            pbits, rbits = _num_bits(pr["bits"]), _num_bits(r.deploy_bits)
+            if pbits is not None and rbits is not None and pbits != rbits:
+                continue
+            if pr["group_size"] != "" and not pd.isna(r.deploy_group_size) and int(pr["group_size"]) != int(
+                    r.deploy_group_size):
+                continue
+            pdata = pr["finetune_data"].replace("(presumed)", "").strip()
+            if r.method != "base" and pdata and pdata != r.data:
+                continue
+            matches.append(pr)
+        base = {"model": r.model, "method": r.method, "mode": r.mode, "data": r.data, "bits": r.deploy_bits,
+                "group": r.deploy_group_size, "rank": r.rank, "task": r.task, "shots": r.shots,
+                "category": r.category, "metric": r.metric, "reproduced": r.mean, "std": r.std,
+                "n_seeds": r.n_seeds}
+        for pr in matches or [None]:
+            row = dict(base, paper=math.nan, paper_method="", paper_source="", paper_note="")
+            if pr is not None:
+                row.update(paper=pr["value"], paper_method=pr["method"],
+                           paper_source=f"{pr['source'].split(' (')[0]} {pr['table'].split(' (')[0]}",
+                           paper_note=pr["note"].lstrip("; ") or ("unreadable in the source" if pd.isna(
+                               pr["value"]) else ""))
+            row["diff"] = row["reproduced"] - row["paper"]
+            out.append(row)
+    res = pd.DataFrame(out, columns=cols)
+    for c in ("paper", "reproduced", "std", "diff"):
+        res[c] = res[c].astype("float64").round(2)
+    res["n_seeds"] = res["n_seeds"].astype(int)
+    for c in ("group", "rank", "shots"):
+        res[c] = res[c].astype("Int64")
+    order = {"mmlu": 0, **{t: i + 1 for i, t in enumerate(COMMONSENSE_TASKS)}, "commonsense_avg": 8,
+             "efficiency": 10}
+    res = res.assign(_t=res["task"].map(lambda t: order.get(t, 9)),
+                     _m=res["metric"].map(lambda m: {"acc_micro": 0, "acc_macro": 1}.get(m, 2)),
+                     _c=res["category"].map(lambda c: CATEGORY_ORDER.index(c) if c in CATEGORY_ORDER else -1))
+    res = res.sort_values(["_t", "shots", "_m", "_c"], kind="stable", na_position="first")
+    res = _sort_rows(res.rename(columns={"bits": "deploy_bits", "group": "deploy_group_size"})).rename(
+        columns={"deploy_bits": "bits", "deploy_group_size": "group"})
+    return res.drop(columns=["_t", "_m", "_c"]).reset_index(drop=True)
+
+
+def tables(df: pd.DataFrame, paper_csv: str | os.PathLike | None = None) -> dict[str, pd.DataFrame]:
+    """The papers' tables from :func:`collect`'s frame.
+
+    ``mmlu`` (question-weighted, ``acc_micro``) and ``mmlu_subject_avg`` (``acc_macro``): one row per
+    model x method x mode x data x bits x group x rank, columns ``<k>-shot Hums./STEM/Social/Other/Avg.``;
+    ``commonsense``: the seven tasks' acc and their plain mean; ``synthetic``: acc on qft_synthetic;
+    ``efficiency``: accounting and training cost per configuration; ``paper_vs_reproduced``: see
+    :func:`paper_vs_reproduced`. Cells are ``mean`` or ``mean ± std`` over seeds (percent, one decimal), and
+    ``seeds`` counts the seeds. Tables with no data are left out; ``paper_vs_reproduced`` is left out when
+    ``paper_csv`` is False.
+    """
+    agg = aggregate(df)
+    out = {
+        "mmlu": _mmlu_table(agg, "acc_micro"),
+        "mmlu_subject_avg": _mmlu_table(agg, "acc_macro"),
+        "commonsense": _commonsense_table(agg),
+        "synthetic": _synthetic_table(agg),
+        "efficiency": _efficiency_table(df),
+    }
+    if paper_csv is not False:
+        out["paper_vs_reproduced"] = paper_vs_reproduced(df, paper_csv)
+    return {k: v for k, v in out.items() if len(v)}
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def _cell(v) -> str:
+    if v is None or (not isinstance(v, str) and pd.isna(v)):
+        return ""
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() and abs(v) >= 1000 else f"{v:.2f}"
+    return str(v)
+
+
+def display_frame(t: pd.DataFrame) -> pd.DataFrame:
+    """Every cell as the string all three formats print (floats: 2 decimals; NA: empty)."""
+    d = t.copy()
+    for c in d.columns:
+        d[c] = [_cell(v) for v in d[c].astype(object)]
+    return d.astype(str)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_latex(d: pd.DataFrame, caption: str | None = None) -> str:
+    """booktabs tabular of a display frame (``±`` as ``$\\pm$``)."""
+    text = d.to_latex(index=False, escape=True, column_format="l" * len(d.columns), caption=caption)
+    return text.replace("±", r"$\pm$")
+
+
+def write_tables(tabs: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike) -> list[Path]:
+    """``<name>.csv``, ``<name>.md`` and ``<name>.tex`` for every table, all from one display frame, each
+    written atomically. Returns the paths."""
+    out = Path(out_dir)
+    paths = []
+    for name, t in tabs.items():
+        d = display_frame(t)
+        for suffix, text in (
+                (".csv", d.to_csv(index=False)),
+                (".md", d.to_markdown(index=False, disable_numparse=True) + "\n"),
+                (".tex", to_latex(d))):
+            p = out / f"{name}{suffix}"
+            _atomic_write(p, text)
+            paths.append(p)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m qftbench.report", description=__doc__.split("\n")[0])
+    ap.add_argument("results", help="results folder (holding runs/)")
+    ap.add_argument("out", help="output folder: long.csv, tables/, figures/")
+    ap.add_argument("--paper-csv", default=None, help=f"published numbers (default: {PAPER_CSV})")
+    ap.add_argument("--no-figures", action="store_true")
+    a = ap.parse_args(argv)
+    df = collect(a.results)
+    out = Path(a.out)
+    _atomic_write(out / "long.csv", df.to_csv(index=False))
+    paths = write_tables(tables(df, a.paper_csv), out / "tables")
+    if not a.no_figures:
+        from .plots import make_figures
+
+        paths += make_figures(df, out / "figures")
+    print(f"{df['run_id'].nunique()} finished runs, {len(df)} rows; wrote {len(paths)} files under {out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
