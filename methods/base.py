@@ -65,6 +65,8 @@ TARGETS = Hyper("all-linear", (str, list),
 SEED = Hyper(0, int, "seed of the adapter initialisation (per layer, independent of layer order)", minimum=0)
 QUANTIZER = Hyper("rtn", str, "how the INT base is quantized: 'rtn' (round-to-nearest, no data) or 'gptq' "
                   "(the papers' choice; pass calibration= to prepare)", choices=("rtn", "gptq"))
+INIT_LOWRANK = Hyper("kaiming", str, "init of A (B = 0): kaiming-uniform(a=sqrt 5) as nn.Linear and peft, "
+                     "xavier-uniform, or gaussian (std 1/r)", choices=("kaiming", "xavier", "gaussian"))
 POOL = Hyper("mean", str, "pooling scale: 'mean' (official code) or 'sum' (the QA-LoRA paper's formula)",
              choices=("mean", "sum"))
 
@@ -87,6 +89,9 @@ class Method:
     summary: ClassVar[str] = ""
     deploy: ClassVar[str] = ""  # "fp16-merge", "int-merge" or "4+16"
     hyperparameters: ClassVar[dict[str, Hyper]] = {}
+    #: hyperparameters that a sweep's ``grid`` does not cross with this method (e.g. QA-HiRA's rank, which
+    #: only enters the scaling); a method entry may still set them explicitly
+    not_grid_axes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **hp: Any):
         unknown = [k for k in hp if k not in self.hyperparameters]
@@ -188,9 +193,15 @@ class Method:
     def check_model(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """Check every target layer's shape against the quantizer and the adapter; raise before any compute."""
         layers = self.target_layers(model)
+        self.check_shapes([(name, mod.out_features, mod.in_features) for name, mod in layers])
+        return layers
+
+    def check_shapes(self, shapes: Iterable[tuple[str, int, int]]) -> None:
+        """Raise :class:`ShapeError` for the first layer ``(name, d_out, d_in)`` the method cannot handle.
+
+        Works from shapes alone, so a sweep is checked against a model's config before anything is loaded."""
         scheme, g = self.scheme(), self.geometry()
-        for name, mod in layers:
-            d_out, d_in = mod.out_features, mod.in_features
+        for name, d_out, d_in in shapes:
             if scheme is not None:
                 scheme.check_layer(name, d_out, d_in)
             if g is not None and (d_in % g.p or d_out % g.q):
@@ -204,7 +215,6 @@ class Method:
                 raise ShapeError(f"{self.name}: layer {name} with weight shape (out={d_out}, in={d_in}): "
                                  + "; ".join(bad) + ". Choose a value that divides every target layer's width, "
                                  "or exclude the layer with targets=[...].")
-        return layers
 
     def _p_field(self) -> str:
         return "group_size"

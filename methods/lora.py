@@ -1,5 +1,5 @@
 """``lora``: the 16-bit LoRA baseline (Hu et al. 2021): frozen bf16/fp16 base, ``ΔW = s·B·A``, fp16 merge."""
-from .base import ALPHA, DROPOUT, RANK, SEED, TARGETS, Geometry, Hyper, Method
+from .base import ALPHA, DROPOUT, INIT_LOWRANK, RANK, SEED, TARGETS, Geometry, Hyper, Method
 
 
 class LoRA(Method):
@@ -10,7 +10,7 @@ class LoRA(Method):
         "rank": RANK, "alpha": ALPHA, "dropout": DROPOUT,
         "bits": Hyper(16, int, "bits of the frozen base: lora keeps it in 16 bits (use qlora for NF4)",
                       choices=(16,)),
-        "init": Hyper("kaiming", str, "init of A (B = 0)", choices=("kaiming", "xavier", "gaussian")),
+        "init": INIT_LOWRANK,
         "targets": TARGETS, "seed": SEED,
     }
 

@@ -21,6 +21,7 @@ BITS = Hyper(4, int, "bits of the INT base", choices=(2, 3, 4, 8))
 class QAHiRA(IntMergeMixin, Method):
     name = "qahira"
     summary = "INTk base (groups of g) + one trainable entry per group (H); exact merge into zero points"
+    not_grid_axes = ("rank",)
     hyperparameters = {
         "rank": Hyper(64, int, "nominal rank, used only in the scaling s = alpha / rank", minimum=1),
         "alpha": ALPHA, "dropout": DROPOUT, "bits": BITS,
@@ -41,6 +42,7 @@ class QAHiRARef(IntMergeMixin, Method):
     name = "qahira-ref"
     summary = "released-code reading of QA-HiRA: INTk base in 8x4 tiles, p=4, q=8, H, kaiming init"
     TILE = (8, 4)
+    not_grid_axes = ("rank",)
     hyperparameters = {
         "rank": Hyper(64, int, "nominal rank, used only in the scaling s = alpha / rank", minimum=1),
         "alpha": ALPHA, "dropout": DROPOUT, "bits": BITS,

@@ -4,7 +4,7 @@ Input pooled by ``k``, output repeated ``k`` times, inner rank ``k·r``: the sam
 LoRA, ``r·(D_in + D_out)``, for any ``k``. The released code fixes ``k = 2``. Deployed as NF4 + adapter,
 or merged to fp16.
 """
-from .base import ALPHA, DROPOUT, RANK, SEED, TARGETS, Geometry, Hyper, Method
+from .base import ALPHA, DROPOUT, INIT_LOWRANK, RANK, SEED, TARGETS, Geometry, Hyper, Method
 from .quant.scheme import QuantScheme
 
 
@@ -16,7 +16,7 @@ class QBaRA(Method):
         "rank": RANK, "alpha": ALPHA, "dropout": DROPOUT,
         "bits": Hyper(4, int, "bits of the NF4 base (bitsandbytes)", choices=(4,)),
         "k": Hyper(2, int, "balance factor: pool k, repeat k, inner rank k·r (released code: 2)", minimum=1),
-        "init": Hyper("kaiming", str, "init of A (B = 0)", choices=("kaiming", "xavier", "gaussian")),
+        "init": INIT_LOWRANK,
         "targets": TARGETS, "seed": SEED,
     }
 

@@ -3,7 +3,7 @@
 Deployed as "4+16" (NF4 base + 16-bit adapter); :meth:`merge` gives the fp16 model that the
 "QLoRA w/ GPTQ" rows re-quantize.
 """
-from .base import ALPHA, DROPOUT, RANK, SEED, TARGETS, Geometry, Hyper, Method
+from .base import ALPHA, DROPOUT, INIT_LOWRANK, RANK, SEED, TARGETS, Geometry, Hyper, Method
 from .quant.scheme import QuantScheme
 
 
@@ -15,7 +15,7 @@ class QLoRA(Method):
         "rank": RANK, "alpha": ALPHA, "dropout": DROPOUT,
         "bits": Hyper(4, int, "bits of the NF4 base (bitsandbytes supports 4 only; loftq offers NF2/NF3)",
                       choices=(4,)),
-        "init": Hyper("kaiming", str, "init of A (B = 0)", choices=("kaiming", "xavier", "gaussian")),
+        "init": INIT_LOWRANK,
         "targets": TARGETS, "seed": SEED,
     }
 

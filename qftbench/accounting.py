@@ -1,7 +1,7 @@
 """Exact accounting of a method on a model, from the model's config alone (no weights are built).
 
     from qftbench.accounting import account
-    account("llama-7b", "qalora", rank=64, group_size=32)["trainable_params"]      # 89_391_104
+    account("llama-7b", "qalora", rank=64, group_size=32)["trainable_params"]      # 89_309_184
 
 Models: the built-in configs shipped under ``qftbench/model_configs/*.json`` (``known_models()``; LlamaConfig field
 names plus ``hub_id``), a path to a ``config.json`` (or a folder holding one), a ``dict`` or a transformers

@@ -47,6 +47,20 @@ def cmd_demo(args) -> int:
 def _cfg(args):
     from . import config as C
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.config_json:
+        raw = json.loads(args.config_json)
+        raw.pop("sweep", None)
+        for item in args.set or []:
+            C.apply_override(raw, item)
+        return C.resolve(raw, where="--config-json")
+    if not args.config:
+        from methods.errors import ConfigError
+
+        raise ConfigError("give --config FILE (or --config-json JSON).")
     return C.load(args.config, overrides=args.set or [])
 
 
@@ -79,6 +93,8 @@ def cmd_evaluate(args) -> int:
 
     cfg = _cfg(args)
     tasks = args.tasks.split(",") if args.tasks else None
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        args.num_fewshot = None
     print(P.evaluate_step(cfg, args.mode, tasks, args.num_fewshot))
     return 0
 
@@ -92,8 +108,27 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .collate import report_step
+
+    out = report_step(args.results, [r for r in args.runs.split(",") if r], args.tables, args.figures,
+                      args.name, [t for t in (args.expect or "").split(",") if t])
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from . import sweep as S
+
+    raw = S.load(args.sweep)
+    print(S.plan_text(raw, args.sweep, gpu_tflops=args.gpu_tflops, mfu=args.mfu))
+    return 0
+
+
 def _add_config(s):
-    s.add_argument("--config", required=True, help="a run config (YAML), see config/run.example.yaml")
+    s.add_argument("--config", help="a run config (YAML), see config/run.example.yaml")
+    s.add_argument("--config-json", help="a run config as a JSON string (what the Snakemake rules pass)")
+    s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set method.rank=8 --set train.max_steps=20")
 
@@ -129,6 +164,20 @@ def main(argv=None) -> int:
     s = sub.add_parser("run", help="prepare, finetune and evaluate one run config")
     _add_config(s)
     s.set_defaults(func=cmd_run)
+    s = sub.add_parser("report", help="tables and figures for a set of runs (the workflow's collation step)")
+    s.add_argument("--results", required=True)
+    s.add_argument("--runs", required=True, help="comma-separated run ids")
+    s.add_argument("--tables", required=True)
+    s.add_argument("--figures", required=True)
+    s.add_argument("--name", default="sweep")
+    s.add_argument("--expect", default="", help="comma-separated table names that must be written")
+    s.set_defaults(func=cmd_report)
+    s = sub.add_parser("plan", help="dry-run summary of a sweep: runs, FLOPs and GPU-hours, before any job")
+    s.add_argument("--sweep", required=True, help="a sweep config (config/*.yaml)")
+    s.add_argument("--gpu-tflops", type=float, default=None,
+                   help="peak dense bf16 TFLOP/s of the GPU (default: the sweep's resources.gpu_tflops or 989, H100 SXM)")
+    s.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation assumed (default 0.3)")
+    s.set_defaults(func=cmd_plan)
     from .cli_account import add_parser as add_account
 
     add_account(sub)

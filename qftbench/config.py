@@ -33,11 +33,12 @@ DEFAULTS: dict[str, Any] = {
     "method": {"name": "qlora"},
     "data": {"source": "synthetic", "path": None, "n": None, "holdout": 0, "seed": 0,
              "source_max_len": 384, "target_max_len": 128,
-             "synthetic": {"seed": 0, "n_entities": None, "phrasings_per_fact": None}},
+             "synthetic": {"seed": 0, "n_entities": None, "phrasings_per_fact": None, "eval_per_fact": None}},
     "calibration": {"source": None, "path": None, "n_samples": 128, "seq_len": 512, "seed": 0},
     "train": TRAIN_DEFAULTS,
     "eval": {"tasks": ["qft_synthetic"], "num_fewshot": {}, "limit": None, "batch_size": 8,
-             "data_root": None, "modes": ["deploy"], "seed": 1234},
+             "data_root": None, "modes": ["deploy"], "seed": 1234,
+             "requant": {"bits": 4, "group_size": 128, "quantizer": "gptq"}},
     "seed": 0,
     "paths": {"results": "results", "scratch": "scratch", "cache": None},
 }
@@ -54,7 +55,8 @@ def _obj(props: dict, required=(), extra=False) -> dict:
 
 
 SCHEMA = _obj({
-    "model": _obj({"name": _str, "dtype": {"enum": ["float32", "bfloat16", "float16", "auto"]}}, ["name"]),
+    "model": _obj({"name": _str, "label": _str,
+                   "dtype": {"enum": ["float32", "bfloat16", "float16", "auto"]}}, ["name"]),
     "method": {"type": "object", "properties": {"name": _str}, "required": ["name"],
                "additionalProperties": True},  # hyperparameters: checked by methods.build
     "data": _obj({
@@ -63,9 +65,10 @@ SCHEMA = _obj({
         "holdout": {"type": "integer", "minimum": 0}, "seed": _int,
         "source_max_len": {"type": "integer", "minimum": 1}, "target_max_len": {"type": "integer", "minimum": 1},
         "synthetic": _obj({"seed": _int, "n_entities": {"type": ["integer", "null"], "minimum": 1},
-                           "phrasings_per_fact": {"type": ["integer", "null"], "minimum": 1}}),
+                           "phrasings_per_fact": {"type": ["integer", "null"], "minimum": 1},
+                           "eval_per_fact": {"type": ["integer", "null"], "minimum": 1}}),
     }),
-    "calibration": _obj({"source": {"type": ["string", "null"]}, "path": {"type": ["string", "null"]},
+    "calibration": _obj({"source": {"enum": [None, "synthetic", "alpaca", "flan_v2", "local"]}, "path": {"type": ["string", "null"]},
                          "n_samples": {"type": "integer", "minimum": 1}, "seq_len": {"type": "integer", "minimum": 8},
                          "seed": _int}),
     "train": _obj({
@@ -88,6 +91,8 @@ SCHEMA = _obj({
         "data_root": {"type": ["string", "null"]},
         "modes": {"type": "array", "items": {"enum": list(DEPLOY_MODES)}, "minItems": 1},
         "seed": _int,
+        "requant": _obj({"bits": {"enum": [2, 3, 4, 8]}, "group_size": {"type": "integer", "minimum": 1},
+                         "quantizer": {"enum": ["gptq", "rtn"]}}),
     }),
     "seed": _int,
     "paths": _obj({"results": _str, "scratch": _str, "cache": {"type": ["string", "null"]}}),
@@ -154,7 +159,25 @@ def resolve(raw: dict | None, where: str = "config") -> dict:
         raise ConfigError(f"{where}: method: {e}") from None
     cfg["method"] = {"name": method.name, **method.hp}
     _check_combinations(cfg, method, where)
+    _check_tasks(tuple(cfg["eval"]["tasks"]), cfg["eval"]["data_root"], where)
     return cfg
+
+
+_CHECKED_TASKS: set = set()
+
+
+def _check_tasks(tasks: tuple, data_root, where: str) -> None:
+    """Unknown task names fail at validation, before any training (memoised per process)."""
+    key = (tasks, data_root)
+    if key in _CHECKED_TASKS:
+        return
+    from .evaluate import UnknownTaskError, check_task_names
+
+    try:
+        check_task_names(tasks, data_root)
+    except UnknownTaskError as e:
+        raise ConfigError(f"{where}: eval.tasks: {e}") from None
+    _CHECKED_TASKS.add(key)
 
 
 def _check_combinations(cfg: dict, method, where: str) -> None:
@@ -222,7 +245,7 @@ def run_id(cfg: dict) -> str:
     m = cfg["method"]
     canon = json.dumps({k: cfg[k] for k in TRAINING_KEYS}, sort_keys=True, default=str)
     h = hashlib.sha256(canon.encode()).hexdigest()[:8]
-    parts = [Path(str(cfg["model"]["name"])).name.replace("/", "_"), m["name"]]
+    parts = [cfg["model"].get("label") or Path(str(cfg["model"]["name"])).name, m["name"]]
     if "rank" in m:
         parts.append(f"r{m['rank']}")
     if "bits" in m:

@@ -69,6 +69,20 @@ def _unknown_task_message(name: str, data_root: Path | None) -> str:
     return msg
 
 
+def check_task_names(names: Iterable[str], data_root: str | os.PathLike | None = None) -> None:
+    """Raise :class:`UnknownTaskError` for a name that neither lm-eval's registry nor the offline tasks know.
+
+    Cheap enough to run when a config is validated (lm-eval's index is built once per process): an unknown
+    task stops a run before any training, not after it."""
+    for name in names:
+        if name in qtasks.OFFLINE_TASKS or (name.startswith("qft_mmlu_")
+                                            and name[len("qft_mmlu_"):] in qtasks.mmlu_subjects()):
+            continue
+        if name.startswith("qft_") or name not in builtin_task_manager().task_index:
+            root = Path(data_root) if data_root is not None else qtasks.default_data_root()
+            raise UnknownTaskError(_unknown_task_message(name, root))
+
+
 def _lm_eval_version() -> str:
     from importlib.metadata import version
 
@@ -245,8 +259,8 @@ def evaluate(model, tokenizer, tasks: str | Iterable[str], num_fewshot: int | Ma
         "num_fewshot_arg": dict(num_fewshot) if isinstance(num_fewshot, Mapping) else num_fewshot,
         "batch_size": batch_size,
         "data_root": str(qtasks.resolve_data_root(data_root))
-        if any(n.startswith("qft_") and n != "qft_synthetic" for n in names) else None,
-        "synthetic_path": str(Path(synthetic_path).resolve()) if "qft_synthetic" in names and synthetic_path else None,
+        if any(n.startswith("qft_") and n not in qtasks.SYNTHETIC_TASKS for n in names) else None,
+        "synthetic_path": str(Path(synthetic_path).resolve()) if set(names) & set(qtasks.SYNTHETIC_TASKS) and synthetic_path else None,
         "data_files": _data_file_hashes(leaf_tasks),
         "model_class": type(model).__name__,
         "model_dtype": str(getattr(model, "dtype", "")),

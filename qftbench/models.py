@@ -366,6 +366,14 @@ def _finish_tokenizer(tokenizer):
     return tokenizer
 
 
+def device_map_for_job() -> str | None:
+    """``"auto"`` when this job sees more than one GPU (a model too large for one GPU, e.g. 65B on the two GPUs
+    its SLURM job was given via ``resources: gpu=2``), so that transformers spreads the layers over all of
+    them; ``None`` (one device) otherwise. The GPU count comes from what the job was given
+    (``CUDA_VISIBLE_DEVICES``), never from a constant."""
+    return "auto" if torch.cuda.is_available() and torch.cuda.device_count() > 1 else None
+
+
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                cache_dir: str | os.PathLike | None = None, *, seed: int = 0):
     """Load ``(model, tokenizer)`` for a built-in name, a local folder/GGUF file, or a hub id.
@@ -422,7 +430,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
                 f"files), or a hub id, or a built-in name: {builtins}."
             )
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device_map_for_job())
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"Could not load the model folder {name!r}: {exc}") from exc
@@ -456,7 +464,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
             )
         hub_kw["local_files_only"] = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **hub_kw)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map_for_job(), **hub_kw)
         tokenizer = AutoTokenizer.from_pretrained(name, **hub_kw)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(

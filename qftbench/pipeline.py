@@ -73,7 +73,10 @@ def build_method(cfg):
 # ------------------------------------------------------------------------------------------------- data
 def synthetic_dir(cfg) -> Path:
     s = cfg["data"]["synthetic"]
-    return results_dir(cfg) / "cache" / "data" / f"synthetic-{s['seed']}-{s.get('n_entities') or 'default'}"
+    parts = [s["seed"], s.get("n_entities") or "default"]
+    if s.get("phrasings_per_fact") or s.get("eval_per_fact"):
+        parts += [s.get("phrasings_per_fact") or "d", s.get("eval_per_fact") or "d"]
+    return results_dir(cfg) / "cache" / "data" / ("synthetic-" + "-".join(str(p) for p in parts))
 
 
 def ensure_synthetic(cfg) -> Path:
@@ -82,7 +85,8 @@ def ensure_synthetic(cfg) -> Path:
     d = synthetic_dir(cfg)
     if not (d / "manifest.json").is_file():
         s = cfg["data"]["synthetic"]
-        kw = {k: v for k, v in s.items() if v is not None and k in ("n_entities", "phrasings_per_fact")}
+        kw = {k: v for k, v in s.items()
+              if v is not None and k in ("n_entities", "phrasings_per_fact", "eval_per_fact")}
         synthetic.write_synthetic(d, seed=s["seed"], **kw)
     return d
 
@@ -125,13 +129,16 @@ def calibration_batches(cfg, tokenizer) -> list[torch.Tensor]:
 def load_model(cfg):
     from .models import load_model as _load
 
-    return _load(cfg["model"]["name"], dtype=DTYPES.get(cfg["model"]["dtype"], torch.float32),
-                 cache_dir=model_cache(cfg), seed=cfg["seed"])
+    model, tok = _load(cfg["model"]["name"], dtype=DTYPES.get(cfg["model"]["dtype"], torch.float32),
+                       cache_dir=model_cache(cfg), seed=cfg["seed"])
+    if torch.cuda.is_available() and not getattr(model, "hf_device_map", None):
+        model.to("cuda")  # one GPU: quantize, train and evaluate there (several GPUs: device_map="auto")
+    return model, tok
 
 
 def prepare_step(cfg) -> Path:
     """Make the model, the data and the quantized base available (each computed once, then reused)."""
-    if cfg["data"]["source"] == "synthetic" or "qft_synthetic" in cfg["eval"]["tasks"]:
+    if cfg["data"]["source"] == "synthetic" or any(t.startswith("qft_synthetic") for t in cfg["eval"]["tasks"]):
         ensure_synthetic(cfg)
     d = base_dir(cfg)
     if (d / "base_manifest.json").is_file():
@@ -174,9 +181,9 @@ def finetune_step(cfg, *, stop_after: int | None = None) -> Path:
         log.info("run %s is finished; not training it again", rd)
         return rd
     t0 = time.perf_counter()
+    train_recs, _, data_info = load_records(cfg)  # bad data fails here, before any model work
     model, tok, method = prepared_model(cfg)
     t_prep = time.perf_counter() - t0
-    train_recs, _, data_info = load_records(cfg)
     examples = tokenize_records(tok, train_recs, cfg["data"]["source_max_len"], cfg["data"]["target_max_len"])
     rd.mkdir(parents=True, exist_ok=True)
     (rd / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -246,7 +253,7 @@ def deployed_model(cfg, mode: str):
             from methods.quant.scheme import QuantScheme
             from methods.requant import requantize
 
-            rq = cfg["eval"].get("requant") or {"bits": 4, "group_size": 32, "quantizer": "rtn"}
+            rq = cfg["eval"]["requant"]
             scheme = QuantScheme(kind="int", bits=rq["bits"], group_size=rq["group_size"])
             calib = calibration_batches(cfg, tok) if rq["quantizer"] == "gptq" else None
             requantize(model, layers, scheme, rq["quantizer"], calib)
@@ -273,7 +280,7 @@ def evaluate_step(cfg, mode: str = "deploy", tasks: list[str] | None = None, num
         return out
     t0 = time.perf_counter()
     model, tok, resolved_mode = deployed_model(cfg, mode)
-    synth = ensure_synthetic(cfg) / "eval.jsonl" if "qft_synthetic" in tasks else None
+    synth = ensure_synthetic(cfg) / "eval.jsonl" if any(t.startswith("qft_synthetic") for t in tasks) else None
     res = evaluate(model, tok, tasks, num_fewshot=num_fewshot, limit=cfg["eval"]["limit"],
                    batch_size=cfg["eval"]["batch_size"], data_root=cfg["eval"]["data_root"],
                    seed=cfg["eval"]["seed"], synthetic_path=synth)

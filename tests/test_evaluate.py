@@ -66,8 +66,10 @@ def synthetic_jsonl(tmp_path):
     return path, docs
 
 
-def _prompt(doc: dict) -> str:
+def _prompt(doc: dict, task: str = "qft_synthetic_letter") -> str:
     c = doc["choices"]
+    if task == "qft_synthetic":  # cloze: the answer text after "Question: ...\nAnswer:"
+        return f"Question: {doc['question'].strip()}\nAnswer:"
     return (f"The following are multiple choice questions (with answers) about {doc['subject'].replace('_', ' ')}."
             f"\n\n{doc['question'].strip()}\nA. {c[0]}\nB. {c[1]}\nC. {c[2]}\nD. {c[3]}\nAnswer:")
 
@@ -82,44 +84,47 @@ def loglikelihood(model, tok, context: str, continuation: str) -> float:
     return sum(logprobs[pos - 1, ids[pos]].item() for pos in range(len(ctx_ids), len(ids)))
 
 
-def test_synthetic_acc_is_argmax_of_loglikelihoods(model_and_tokenizer, synthetic_jsonl):
+@pytest.mark.parametrize("task", ["qft_synthetic", "qft_synthetic_letter"])
+def test_synthetic_acc_is_argmax_of_loglikelihoods(model_and_tokenizer, synthetic_jsonl, task):
     model, tok = model_and_tokenizer
     path, docs = synthetic_jsonl
-    out = evaluate(model, tok, ["qft_synthetic"], synthetic_path=path, batch_size=4, return_samples=True)
+    out = evaluate(model, tok, [task], synthetic_path=path, batch_size=4, return_samples=True)
 
     assert set(out) >= {"tasks", "mmlu", "commonsense", "provenance", "samples"}
-    row = out["tasks"]["qft_synthetic"]
+    row = out["tasks"][task]
     assert set(row) >= {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "num_fewshot", "version"}
-    assert row["n"] == len(docs) and row["num_fewshot"] == 0 and row["acc_norm"] is None
+    assert row["n"] == len(docs) and row["num_fewshot"] == 0
+    assert (row["acc_norm"] is None) == (task == "qft_synthetic_letter")
     assert out["mmlu"] == {} and out["commonsense"] is None
 
     # independent scoring: per-choice loglikelihood with torch, argmax, fraction correct
-    lls = [[loglikelihood(model, tok, _prompt(d), " " + letter) for letter in "ABCD"] for d in docs]
+    conts = (lambda d: [" " + c for c in d["choices"]]) if task == "qft_synthetic" else (lambda d: [" " + x for x in "ABCD"])
+    lls = [[loglikelihood(model, tok, _prompt(d, task), c) for c in conts(d)] for d in docs]
     correct = [max(range(4), key=lambda k: ll[k]) == d["answer"] for ll, d in zip(lls, docs)]
     assert row["acc"] == pytest.approx(sum(correct) / len(docs), abs=1e-12)
     p = sum(correct) / len(docs)
     assert row["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (len(docs) - 1)), rel=1e-6)
 
     # ... and they are the numbers lm-eval computed (same prompts, same tokenization)
-    samples = sorted(out["samples"]["qft_synthetic"], key=lambda s: s["doc_id"])
+    samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
     for s, ll, d in zip(samples, lls, docs):
-        assert s["arguments"][0][0] == _prompt(d)
+        assert s["arguments"][0][0] == _prompt(d, task)
         assert [r[0][0] for r in s["resps"]] == pytest.approx(ll, abs=1e-3)
 
     prov = out["provenance"]
     assert prov["lm_eval_version"].startswith("0.4")
-    assert prov["n_samples"]["qft_synthetic"] == {"original": len(docs), "effective": len(docs)}
-    assert prov["fewshot_seed"] == 1234 and prov["num_fewshot"]["qft_synthetic"] == 0
-    assert set(prov["task_versions"]) == {"qft_synthetic"}
-    assert len(prov["task_config_sha256"]["qft_synthetic"]) == 64
-    assert len(prov["prompts_sha256"]["qft_synthetic"]) == 64
-    assert list(prov["data_files"]["qft_synthetic"]) == [str(path.resolve())]
+    assert prov["n_samples"][task] == {"original": len(docs), "effective": len(docs)}
+    assert prov["fewshot_seed"] == 1234 and prov["num_fewshot"][task] == 0
+    assert set(prov["task_versions"]) == {task}
+    assert len(prov["task_config_sha256"][task]) == 64
+    assert len(prov["prompts_sha256"][task]) == 64
+    assert list(prov["data_files"][task]) == [str(path.resolve())]
 
-    limited = evaluate(model, tok, "qft_synthetic", synthetic_path=path, limit=5, batch_size=4)
-    assert limited["tasks"]["qft_synthetic"]["n"] == 5
-    assert limited["tasks"]["qft_synthetic"]["acc"] == pytest.approx(sum(correct[:5]) / 5, abs=1e-12)
-    assert limited["provenance"]["n_samples"]["qft_synthetic"] == {"original": 16, "effective": 5}
-    assert limited["provenance"]["prompts_sha256"]["qft_synthetic"] != prov["prompts_sha256"]["qft_synthetic"]
+    limited = evaluate(model, tok, task, synthetic_path=path, limit=5, batch_size=4)
+    assert limited["tasks"][task]["n"] == 5
+    assert limited["tasks"][task]["acc"] == pytest.approx(sum(correct[:5]) / 5, abs=1e-12)
+    assert limited["provenance"]["n_samples"][task] == {"original": 16, "effective": 5}
+    assert limited["provenance"]["prompts_sha256"][task] != prov["prompts_sha256"][task]
 
 
 def test_unknown_task_error_lists_sources_and_suggestions(tmp_path):

@@ -41,6 +41,16 @@ def _env():
 
 @pytest.fixture(scope="module")
 def gptq_python():
+    """The GPTQModel env; created with envs/gptqmodel-parity.sh when absent (QFTBENCH_GPTQ_PARITY=0 skips)."""
+    if not GPTQ_PY.exists() and os.environ.get("QFTBENCH_GPTQ_PARITY", "1") != "0" \
+            and "QFTBENCH_GPTQ_PYTHON" not in os.environ:
+        try:
+            r = subprocess.run(["bash", str(REPO / "envs" / "gptqmodel-parity.sh")], cwd=REPO, capture_output=True,
+                               text=True, timeout=1200)
+            if r.returncode != 0:
+                pytest.skip(f"could not create the GPTQModel env (envs/gptqmodel-parity.sh): {r.stderr[-500:]}")
+        except subprocess.TimeoutExpired:
+            pytest.skip("creating the GPTQModel env took more than 20 minutes")
     if not GPTQ_PY.exists():
         pytest.skip(f"GPTQModel parity env not found at {GPTQ_PY}: create it with `bash envs/gptqmodel-parity.sh`")
     return str(GPTQ_PY)

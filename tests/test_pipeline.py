@@ -118,6 +118,9 @@ def test_finetune_resume_through_pipeline(tmp_path):
     ({"method": {"name": "qlora"}, "data": {"source": "jsonl"}}, r"data.source='jsonl' is not allowed"),
     ({"method": {"name": "qlora"}, "data": {"source": "local"}}, r"data.source='local' needs data.path"),
     ({"method": {"name": "qlora"}, "train": {"batch_size": 6, "micro_batch_size": 4}}, r"not a multiple"),
+    ({"method": {"name": "qlora"}, "eval": {"tasks": ["hellaswagg"]}},
+     r"eval.tasks: unknown task 'hellaswagg'.*Did you mean: hellaswag"),
+    ({"method": {"name": "qlora"}, "eval": {"tasks": ["qft_mmluu"]}}, r"unknown task 'qft_mmluu'.*Did you mean: qft_mmlu"),
 ])
 def test_bad_run_configs(raw, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -131,6 +134,22 @@ def test_run_id_is_stable_and_config_sensitive(tmp_path):
     d = tiny_cfg(tmp_path, {"name": "qalora", "rank": 4}, eval={"limit": 3})  # evaluation does not change the run
     assert C.run_id(a) == C.run_id(b) == C.run_id(d) != C.run_id(c)
     assert C.run_id(a).startswith("tiny-llama-qalora-r4-4b-g32-synthetic-s0-")
+
+
+@pytest.mark.parametrize("content,name,msg", [
+    ('[{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": ""}]', "d.json",
+     r"d.json.*record 1.*output"),
+    ("a,b\n1,2\n", "d.csv", r"d.csv"),
+])
+def test_bad_data_fails_before_training(tmp_path, content, name, msg):
+    from methods.errors import QFTError
+
+    path = tmp_path / name
+    path.write_text(content)
+    cfg = tiny_cfg(tmp_path, {"name": "qlora"}, data={"source": "local", "path": str(path)})
+    with pytest.raises(QFTError, match=msg):
+        P.finetune_step(cfg)
+    assert not P.run_dir(cfg).exists() and not P.scratch_dir(cfg).exists()
 
 
 def test_missing_model_path_fails_before_training(tmp_path):

@@ -6,8 +6,9 @@
 #
 # Settings (environment):
 #   QFT_SLURM_DIR          state/spool/log/config dir            (default /tmp/qft-slurm)
-#   QFT_SLURM_ACCOUNTING   none | slurmdbd                      (default none: no MariaDB; Snakemake polls
-#                          with squeue, see README. slurmdbd: MariaDB + slurmdbd, so that sacct works too)
+#   QFT_SLURM_ACCOUNTING   none | slurmdbd                      (default: what the last start used, else none.
+#                          none: no MariaDB, Snakemake polls with squeue (see README); slurmdbd: MariaDB +
+#                          slurmdbd, so that sacct works too)
 #   QFT_SLURM_MEM_FRACTION fraction of RAM given to the node      (default 0.85)
 #   QFT_SLURM_DEF_MEM_PER_CPU  DefMemPerCPU in MB                 (default 1024)
 #   QFT_SLURM_CLUSTER      ClusterName                            (default ci)
@@ -19,7 +20,11 @@ set -euo pipefail
 
 T0=$EPOCHREALTIME
 DIR=${QFT_SLURM_DIR:-/tmp/qft-slurm}
-ACCOUNTING=${QFT_SLURM_ACCOUNTING:-none}
+ACCOUNTING=${QFT_SLURM_ACCOUNTING:-}
+if [[ -z $ACCOUNTING ]]; then   # unset: keep what an earlier start chose (the test fixture calls us again)
+  ACCOUNTING=none
+  grep -qs '^AccountingStorageType=accounting_storage/slurmdbd' "$DIR/etc/slurm.conf" && ACCOUNTING=slurmdbd
+fi
 MEM_FRACTION=${QFT_SLURM_MEM_FRACTION:-0.85}
 DEF_MEM_PER_CPU=${QFT_SLURM_DEF_MEM_PER_CPU:-1024}
 CLUSTER=${QFT_SLURM_CLUSTER:-ci}
@@ -213,12 +218,21 @@ if [[ $ACCOUNTING == slurmdbd ]]; then
 fi
 
 # ---------------------------------------------------------------- slurmctld + slurmd
+stop_daemon() { # pidfile name -- TERM, then up to 20 s, then KILL
+  local pid; pid=$(cat "$1")
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 100); do [[ -d /proc/$pid ]] || return 0; sleep 0.2; done
+  kill -KILL "$pid" 2>/dev/null || true
+}
+if ((conf_changed)); then
+  # some settings (AccountingStorageType, node sizes) need a restart, not `scontrol reconfigure`;
+  # jobs survive it (state is saved in $DIR/state)
+  for d in slurmd slurmctld; do
+    if pid_alive "$DIR/run/$d.pid" $d; then stop_daemon "$DIR/run/$d.pid"; log "$d stopped (config changed)"; fi
+  done
+fi
 if pid_alive "$DIR/run/slurmctld.pid" slurmctld; then
-  if ((conf_changed)); then
-    timeout 30 scontrol reconfigure && log "slurmctld reconfigured (config changed)"
-  else
-    log "slurmctld already running"
-  fi
+  log "slurmctld already running"
 else
   timeout 30 /usr/sbin/slurmctld </dev/null >>"$DIR/log/slurmctld.out" 2>&1 9>&-
   wait_for 30 slurmctld timeout 5 scontrol ping

@@ -29,14 +29,20 @@ stop_pid() {
 }
 
 # cancel what is still queued/running so slurmd leaves no job processes behind
-if [[ -f /etc/slurm/slurm.conf ]] && command -v scancel >/dev/null; then
-  timeout 10 scancel --full --quiet --state=PENDING,RUNNING,SUSPENDED 2>/dev/null && sleep 1 || true
+if [[ -f /etc/slurm/slurm.conf ]] && command -v squeue >/dev/null; then
+  jobs=$(timeout 10 squeue -h -o %i -t PENDING,RUNNING,SUSPENDED,CONFIGURING,COMPLETING 2>/dev/null | tr '\n' ' ')
+  if [[ -n ${jobs// /} ]]; then
+    # shellcheck disable=SC2086
+    timeout 10 scancel --quiet $jobs 2>/dev/null || true
+    log "cancelled job(s) $jobs"
+    sleep 2   # let slurmd signal and reap them (KillWait=5 s covers the rest)
+  fi
 fi
 stop_pid "$DIR/run/slurmd.pid" slurmd
 stop_pid "$DIR/run/slurmctld.pid" slurmctld
 stop_pid "$DIR/run/slurmdbd.pid" slurmdbd
 if [[ -x /etc/init.d/mariadb ]] && timeout 5 mariadb -e 'SELECT 1' >/dev/null 2>&1; then
-  timeout 60 /etc/init.d/mariadb stop </dev/null >/dev/null 2>&1 && log "mariadb stopped" || log "mariadb stop failed"
+  if timeout 60 /etc/init.d/mariadb stop </dev/null >/dev/null 2>&1; then log "mariadb stopped"; else log "mariadb stop failed"; fi
 else
   log "mariadb: not running"
 fi

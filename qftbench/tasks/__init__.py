@@ -42,7 +42,8 @@ BUILTIN_OF = {
     "qft_openbookqa": "openbookqa",
     "qft_hellaswag": "hellaswag",
 }
-OFFLINE_TASKS = (*BUILTIN_OF, "qft_synthetic")
+OFFLINE_TASKS = (*BUILTIN_OF, "qft_synthetic", "qft_synthetic_letter")
+SYNTHETIC_TASKS = ("qft_synthetic", "qft_synthetic_letter")
 COMMONSENSE_TASKS = ("arc_easy", "arc_challenge", "piqa", "boolq", "winogrande", "openbookqa", "hellaswag")
 MMLU_CATEGORIES = ("stem", "other", "social_sciences", "humanities")
 
@@ -160,10 +161,10 @@ def task_config(name: str, data_root: str | os.PathLike | None = None, *,
         values = {"data_root": str(resolve_data_root(data_root)), "subject": subject,
                   "subject_words": subject.replace("_", " ")}
         cfg = _fill(load_template("qft_mmlu_subject"), values)
-    elif name == "qft_synthetic":
+    elif name in SYNTHETIC_TASKS:
         if synthetic_path is None:
-            raise ValueError("qft_synthetic needs synthetic_path (the eval.jsonl written by qftbench.synthetic)")
-        cfg = _fill(load_template("qft_synthetic"),
+            raise ValueError(f"{name} needs synthetic_path (the eval.jsonl written by qftbench.synthetic)")
+        cfg = _fill(load_template(name),
                     {"synthetic_path": str(Path(synthetic_path).expanduser().resolve())})
     elif name in OFFLINE_TASKS and name != "qft_mmlu":
         cfg = _fill(load_template(name), {"data_root": str(resolve_data_root(data_root))})
@@ -210,7 +211,7 @@ def build_task(name: str, data_root: str | os.PathLike | None = None, *,
 
 
 __all__ = [
-    "BUILTIN_OF", "COMMONSENSE_TASKS", "MMLU_CATEGORIES", "OFFLINE_TASKS", "TASKS_DIR",
+    "BUILTIN_OF", "SYNTHETIC_TASKS", "COMMONSENSE_TASKS", "MMLU_CATEGORIES", "OFFLINE_TASKS", "TASKS_DIR",
     "build_task", "data_files", "default_data_root", "load_template", "mmlu_subjects",
     "mmlu_task_configs", "resolve_data_root", "task_config",
 ]

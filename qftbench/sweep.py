@@ -1,0 +1,375 @@
+"""Sweep configs: a grid of runs (models x data x methods x hyperparameter grid x seeds) for the Snakemake DAG.
+
+A sweep config (``config/default.yaml``, ``config/paper.yaml``, ...) has these keys::
+
+    name: default                 # labels tables/figures
+    models:    [smollm2-135m]     # names, or {name, label, dtype, resources} entries
+    data:      {synthetic: {source: synthetic}}          # label -> run-config data section
+    methods:   [{name: qlora}, {name: qalora, bits: [4, 3, 2]}]   # a list value is a grid axis
+    grid:      {rank: [8, 16]}    # crossed with every method that has the hyperparameter
+    seeds:     [0]
+    run:       {train: ..., eval: ..., calibration: ..., paths: ...}   # defaults of every run config
+    overrides: {method: {qalora: {train: {lr: 2.0e-5}}}, model: {llama-33b: {train: {lr: 1.0e-4}}},
+                match: [{when: {method: [qalora], model: [llama-33b, llama-65b]}, set: {train: {lr: 1.0e-5}}}]}
+    resources: {default: {...}, models: {llama-65b: {gpu: 2, ...}}}
+    outputs:   {tables: results/tables, figures: figures}
+
+:func:`expand` turns it into ``{run_id: resolved run config}``, each validated by :func:`qftbench.config.resolve`
+before any job starts; every error names the sweep key, the run and the fix.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from methods.errors import ConfigError, did_you_mean
+
+from . import config as C
+
+RESOURCE_KEYS = {"mem_mb": int, "runtime": int, "gpu": int, "gpu_model": str, "cpus": int, "threads": int,
+                 "eval_runtime": int, "eval_mem_mb": int, "quantize_runtime": int, "slurm_extra": str}
+DEFAULT_RESOURCES = {"mem_mb": 8000, "runtime": 60, "gpu": 0, "cpus": 1, "threads": 1}
+
+_res = {"type": "object", "properties": {k: {"type": "integer" if t is int else "string"}
+                                         for k, t in RESOURCE_KEYS.items()}, "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "description": {"type": "string"},
+        "models": {"type": "array", "minItems": 1, "items": {"anyOf": [
+            {"type": "string"},
+            {"type": "object", "properties": {"name": {"type": "string"}, "label": {"type": "string"},
+                                              "dtype": {"type": "string"}, "resources": _res},
+             "required": ["name"], "additionalProperties": False}]}},
+        "data": {"type": "object", "minProperties": 1, "additionalProperties": {"type": "object"}},
+        "methods": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["name"]}},
+        # a method entry may carry `models: [labels]` / `data: [labels]` to run only there
+        "grid": {"type": "object", "additionalProperties": {"type": "array", "minItems": 1}},
+        "seeds": {"type": "array", "minItems": 1, "items": {"type": "integer"}},
+        "run": {"type": "object"},
+        "overrides": {"type": "object", "properties": {
+            "method": {"type": "object", "additionalProperties": {"type": "object"}},
+            "model": {"type": "object", "additionalProperties": {"type": "object"}},
+            "match": {"type": "array", "items": {
+                "type": "object", "required": ["when", "set"], "additionalProperties": False,
+                "properties": {"when": {"type": "object", "additionalProperties": False, "properties": {
+                    k: {"type": "array", "items": {"type": ["string", "integer"]}}
+                    for k in ("method", "model", "data", "bits", "rank", "seed")}},
+                    "set": {"type": "object"}}}}},
+            "additionalProperties": False},
+        "resources": {"type": "object", "properties": {
+            "default": _res, "models": {"type": "object", "additionalProperties": _res},
+            "gpu_tflops": {"type": "number"}, "mfu": {"type": "number"}}, "additionalProperties": False},
+        "outputs": {"type": "object", "properties": {"tables": {"type": "string"}, "figures": {"type": "string"},
+                                                     "report": {"type": "string"}},
+                    "additionalProperties": False},
+    },
+    "required": ["models", "data", "methods"],
+    "additionalProperties": False,
+}
+
+
+def _explain(err: jsonschema.ValidationError, where: str) -> str:
+    path = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+    if err.validator == "additionalProperties":
+        node = SCHEMA
+        for p in err.absolute_path:
+            node = node.get("properties", {}).get(p, node.get("additionalProperties", {})) if isinstance(p, str) \
+                else node.get("items", {})
+        allowed = node.get("properties", {})
+        extra = [k for k in err.instance if k not in allowed]
+        k = extra[0] if extra else "?"
+        return (f"{where}: unknown key {k!r} in {path}.{did_you_mean(k, allowed)} "
+                f"Allowed: {', '.join(sorted(allowed))}.")
+    if err.validator == "anyOf" and isinstance(err.instance, dict):
+        allowed = {"name", "label", "dtype", "resources"}
+        extra = [k for k in err.instance if k not in allowed]
+        if extra:
+            return (f"{where}: unknown key {extra[0]!r} in {path}.{did_you_mean(extra[0], allowed)} "
+                    f"Allowed: {', '.join(sorted(allowed))}.")
+    return f"{where}: {path}: {err.message}."
+
+
+def load(path: str | os.PathLike, overrides: dict | None = None) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep config {p} does not exist.")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if overrides:
+        raw = C._merge(raw, overrides)
+    return raw
+
+
+def _model_entries(sweep: dict) -> list[dict]:
+    out = []
+    for m in sweep["models"]:
+        m = {"name": m} if isinstance(m, str) else dict(m)
+        m.setdefault("label", Path(m["name"]).name)
+        out.append(m)
+    return out
+
+
+def _method_variants(entry: dict, grid: dict, where: str) -> list[dict]:
+    import methods
+
+    try:
+        cls = methods.get(entry["name"])
+    except ConfigError as e:
+        raise ConfigError(f"{where}: methods: {e}") from None
+    entry = {k: v for k, v in entry.items() if k not in ("models", "data")}
+    axes = {k: v for k, v in entry.items() if k != "name" and isinstance(v, list) and k != "targets"}
+    fixed = {k: v for k, v in entry.items() if k not in axes}
+    for k, values in grid.items():
+        if k in cls.hyperparameters and k not in entry and k not in cls.not_grid_axes:
+            axes[k] = values
+    keys = sorted(axes)
+    return [{**fixed, **dict(zip(keys, combo))} for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
+    """``{run_id: resolved run config}`` for every run of the sweep, each validated."""
+    if not isinstance(sweep, dict):
+        raise ConfigError(f"{where}: a sweep config must be a mapping.")
+    errors = sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(sweep), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError(_explain(errors[0], where))
+    grid = sweep.get("grid", {})
+    base = sweep.get("run", {})
+    for k in base:
+        if k not in C.SCHEMA["properties"] or k in ("model", "method", "data", "seed"):
+            allowed = sorted(set(C.SCHEMA["properties"]) - {"model", "method", "data", "seed"})
+            raise ConfigError(f"{where}: unknown key {k!r} in run.{did_you_mean(k, allowed)} Allowed: "
+                              f"{', '.join(allowed)} (model, method, data and seed come from the grid).")
+    ov = sweep.get("overrides", {})
+    import methods as _m
+
+    for name in ov.get("method", {}):
+        if name not in _m.names():
+            raise ConfigError(f"{where}: overrides.method.{name}: unknown method.{did_you_mean(name, _m.names())}")
+    labels = [m["label"] for m in _model_entries(sweep)]
+    for name in ov.get("model", {}):
+        if name not in labels:
+            raise ConfigError(f"{where}: overrides.model.{name}: not a model of this sweep "
+                              f"(labels: {', '.join(labels)}).{did_you_mean(name, labels)}")
+    for i, entry in enumerate(sweep["methods"]):
+        for key, known in (("models", labels), ("data", list(sweep["data"]))):
+            for lab in entry.get(key, []):
+                if lab not in known:
+                    raise ConfigError(f"{where}: methods[{i}] ({entry['name']}).{key}: {lab!r} is not one of this "
+                                      f"sweep's {key} ({', '.join(known)}).{did_you_mean(lab, known)}")
+    for j, rule in enumerate(ov.get("match", [])):
+        for lab in rule["when"].get("model", []):
+            if lab not in labels:
+                raise ConfigError(f"{where}: overrides.match[{j}].when.model: {lab!r} is not a model of this sweep."
+                                  f"{did_you_mean(lab, labels)}")
+        for name in rule["when"].get("method", []):
+            if name not in _m.names():
+                raise ConfigError(f"{where}: overrides.match[{j}].when.method: unknown method {name!r}."
+                                  f"{did_you_mean(name, _m.names())}")
+    runs: dict[str, dict] = {}
+    for model in _model_entries(sweep):
+        for data_label, data in sweep["data"].items():
+            for mi, entry in enumerate(sweep["methods"]):
+                if "models" in entry and model["label"] not in entry["models"]:
+                    continue
+                if "data" in entry and data_label not in entry["data"]:
+                    continue
+                for variant in _method_variants(entry, grid, where):
+                    for seed in sweep.get("seeds", [0]):
+                        raw = copy.deepcopy(base)
+                        raw = C._merge(raw, ov.get("method", {}).get(variant["name"], {}))
+                        raw = C._merge(raw, ov.get("model", {}).get(model["label"], {}))
+                        facts = {"method": variant["name"], "model": model["label"], "data": data_label,
+                                 "bits": variant.get("bits"), "rank": variant.get("rank"), "seed": seed}
+                        for rule in ov.get("match", []):
+                            if all(facts[k] in v for k, v in rule["when"].items()):
+                                extra = copy.deepcopy(rule["set"])
+                                variant = {**variant, **extra.pop("method", {})}
+                                raw = C._merge(raw, extra)
+                        raw["model"] = {"name": model["name"], **({"dtype": model["dtype"]} if "dtype" in model else {})}
+                        if model["label"] != Path(model["name"]).name:
+                            raw["model"]["label"] = model["label"]
+                        raw["method"] = variant
+                        raw["data"] = C._merge(raw.get("data", {}), data)
+                        raw["seed"] = seed
+                        label = f"{where}: run (model={model['label']}, data={data_label}, method={variant})"
+                        cfg = C.resolve(raw, where=label)
+                        _check_shapes(model, cfg, label)
+                        cfg["sweep"] = {"name": sweep.get("name", "sweep"), "model_label": model["label"],
+                                        "data_label": data_label}
+                        rid = C.run_id(cfg)
+                        if rid in runs and runs[rid]["sweep"] != cfg["sweep"]:
+                            raise ConfigError(f"{label}: the same run appears twice in the sweep ({rid}).")
+                        runs[rid] = cfg
+    return runs
+
+
+_SHAPES: dict[str, list | None] = {}
+
+
+def _model_shapes(model: dict) -> list | None:
+    """Target-layer shapes from the model's config alone, when it is known without downloading anything."""
+    key = model["name"]
+    if key not in _SHAPES:
+        from .accounting import linear_shapes, load_config
+
+        cfg = None
+        if model["name"] == "tiny-llama":
+            from .models import tiny_llama_config
+
+            cfg = tiny_llama_config().to_dict()
+        else:
+            for cand in (model["label"], model["name"]):
+                try:
+                    cfg = load_config(cand)[1]
+                    break
+                except Exception:
+                    continue
+        _SHAPES[key] = linear_shapes(cfg) if cfg is not None else None
+    return _SHAPES[key]
+
+
+def _check_shapes(model: dict, cfg: dict, where: str) -> None:
+    import methods
+
+    shapes = _model_shapes(model)
+    if shapes is None:  # an unknown hub model: checked by the first job, before any compute
+        return
+    m = methods.build(cfg["method"]["name"], **{k: v for k, v in cfg["method"].items() if k != "name"})
+    targets = m.hp.get("targets", "all-linear")
+    if targets != "all-linear":
+        ts = [targets] if isinstance(targets, str) else targets
+        shapes = [s for s in shapes if any(s[0] == t or s[0].endswith("." + t) for t in ts)]
+    try:
+        m.check_shapes(shapes)
+    except methods.ShapeError as e:
+        raise methods.ShapeError(f"{where}: {e}") from None
+
+
+def resources(sweep: dict, cfg: dict) -> dict[str, Any]:
+    """Job resources of a run: sweep default, then the model's entry in resources.models and in models."""
+    res = dict(DEFAULT_RESOURCES)
+    res.update(sweep.get("resources", {}).get("default", {}))
+    label = cfg["sweep"]["model_label"]
+    res.update(sweep.get("resources", {}).get("models", {}).get(label, {}))
+    for m in _model_entries(sweep):
+        if m["label"] == label:
+            res.update(m.get("resources", {}))
+    res.setdefault("threads", res.get("cpus", 1))
+    return res
+
+
+def training_view(cfg: dict) -> dict:
+    """The part of a run config that determines the base and the training (what prepare/finetune get)."""
+    return {k: cfg[k] for k in (*C.TRAINING_KEYS, "paths")}
+
+
+def eval_jobs(cfg: dict) -> list[dict]:
+    """One evaluation job per (deployment mode, task group): ``{mode, tasks, shots, key, path}``."""
+    import methods
+
+    from . import pipeline as P
+
+    method = methods.build(cfg["method"]["name"], **{k: v for k, v in cfg["method"].items() if k != "name"})
+    modes = []
+    for m in cfg["eval"]["modes"]:
+        m = method.deploy if m == "deploy" else m
+        if method.name == "base":
+            m = "base"
+        if m not in modes:
+            modes.append(m)
+    out = []
+    for mode in modes:
+        for tasks, shots in P.eval_groups(cfg):
+            key = P._tasks_key(tasks, shots)
+            out.append({"mode": mode, "tasks": tasks, "shots": shots, "key": key,
+                        "path": str(P.run_dir(cfg) / "eval" / mode / f"{key}.json")})
+    return out
+
+
+COMMONSENSE = {"hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa"}
+
+
+def expected_tables(sweep: dict, runs: dict[str, dict]) -> list[str]:
+    """The tables a sweep produces (the report always writes each of them)."""
+    tasks = {t[4:] if t.startswith("qft_") else t for cfg in runs.values() for t in cfg["eval"]["tasks"]}
+    out = []
+    if "mmlu" in tasks:
+        out += ["mmlu", "mmlu_subject_avg"]
+    if tasks & COMMONSENSE:
+        out.append("commonsense")
+    if "synthetic" in tasks:
+        out.append("synthetic")
+    return out + ["efficiency", "paper_vs_reproduced"]
+
+
+def plan(sweep: dict, where: str = "sweep", gpu_tflops: float | None = None, mfu: float | None = None) -> dict:
+    """Runs and a compute estimate from the accounting, before any job: ``{"runs": [...], "total": {...}}``.
+
+    Training FLOPs = ``train_flops_per_token`` (at seq_len = source_max_len + target_max_len) x tokens, with
+    tokens = max_steps x batch_size x (source_max_len + target_max_len): an upper bound, since real examples
+    are shorter than the maximum lengths. GPU-hours = FLOPs / (gpu_tflops x 1e12 x mfu) / 3600. Evaluation is
+    not included (it is forward-only and usually far smaller than training)."""
+    from .accounting import account, known_models
+
+    runs = expand(sweep, where)
+    res = sweep.get("resources", {})
+    tflops = gpu_tflops or res.get("gpu_tflops") or 989.0
+    mfu = mfu or res.get("mfu") or 0.3
+    rows = []
+    for rid, cfg in runs.items():
+        label = cfg["sweep"]["model_label"]
+        model = label if label in known_models() else cfg["model"]["name"]
+        seq = cfg["data"]["source_max_len"] + cfg["data"]["target_max_len"]
+        hp = {k: v for k, v in cfg["method"].items() if k != "name"}
+        try:
+            acc = account(model, cfg["method"]["name"], seq_len=seq, **hp)
+        except Exception as e:  # a hub model without a shipped config: reported, not guessed
+            acc = {"error": str(e)}
+        tokens = cfg["train"]["max_steps"] * cfg["train"]["batch_size"] * seq
+        if cfg["method"]["name"] == "base":
+            tokens = 0
+        flops = acc.get("train_flops_per_token", 0) * tokens if "error" not in acc else None
+        r = resources(sweep, cfg)
+        rows.append({"run_id": rid, "model": label, "method": cfg["method"]["name"],
+                     "rank": cfg["method"].get("rank"), "bits": cfg["method"].get("bits"),
+                     "data": cfg["sweep"]["data_label"], "seed": cfg["seed"], "steps": cfg["train"]["max_steps"],
+                     "trainable_params": acc.get("trainable_params"), "train_tokens": tokens,
+                     "train_flops": flops, "gpu_hours": flops / (tflops * 1e12 * mfu) / 3600 if flops else 0.0,
+                     "gpus": r.get("gpu", 0), "runtime_min": r.get("runtime"), "mem_mb": r.get("mem_mb"),
+                     "error": acc.get("error")})
+    total = {"runs": len(rows), "train_flops": sum(r["train_flops"] or 0 for r in rows),
+             "gpu_hours": sum(r["gpu_hours"] for r in rows), "gpu_tflops": tflops, "mfu": mfu,
+             "requested_gpu_hours": sum((r["runtime_min"] or 0) / 60 * max(1, r["gpus"]) for r in rows
+                                        if r["gpus"]),
+             "evaluations": sum(len(eval_jobs(c)) for c in runs.values())}
+    return {"runs": rows, "total": total}
+
+
+def plan_text(sweep: dict, where: str = "sweep", **kw) -> str:
+    p = plan(sweep, where, **kw)
+    lines = [f"{'run':70s} {'trainable':>12s} {'tokens':>10s} {'train FLOPs':>12s} {'GPU-h':>8s} {'gpus':>4s}"]
+    for r in p["runs"]:
+        tp = f"{r['trainable_params']:,}" if r["trainable_params"] is not None else "n/a"
+        fl = f"{r['train_flops']:.3g}" if r["train_flops"] else ("n/a" if r["error"] else "0")
+        lines.append(f"{r['run_id'][:70]:70s} {tp:>12s} {r['train_tokens']:>10,d} {fl:>12s} "
+                     f"{r['gpu_hours']:8.2f} {r['gpus']:>4d}")
+    t = p["total"]
+    lines.append("")
+    lines.append(f"{t['runs']} runs, {t['evaluations']} evaluation jobs; training {t['train_flops']:.3g} FLOPs "
+                 f"= {t['gpu_hours']:.1f} GPU-hours at {t['gpu_tflops']:g} TFLOP/s x MFU {t['mfu']:g} "
+                 f"(an upper bound: every example counted at the maximum length; evaluation not included).")
+    if t["requested_gpu_hours"]:
+        lines.append(f"The runtime limits requested from the scheduler add up to {t['requested_gpu_hours']:.0f} "
+                     f"GPU-hours (runtime x GPUs per fine-tuning job).")
+    errs = [r for r in p["runs"] if r["error"]]
+    if errs:
+        lines.append(f"{len(errs)} runs have no estimate: {errs[0]['error']}")
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""The tiny sweep's whole DAG through a real SLURM (`--executor slurm` via workflow/profiles/slurm).
+
+Checks that every job was submitted with sbatch and completed, and that the tables equal those of the local
+run (timing columns aside). Skipped where no SLURM can be started (see tests/slurm_cluster.py).
+"""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from slurm_cluster import (  # noqa: F401  (slurm_cluster is a fixture)
+    FAST_POLLING_ENV,
+    SLURM_PROFILE,
+    job_info,
+    run_snakemake,
+    slurm_cluster,
+    submitted_jobs,
+)
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+TINY = REPO / "config" / "tiny.yaml"
+TIMING = ["train time (s)", "peak mem (MB)", "tokens/s"]
+
+
+def _tables(root):
+    d = root / "results" / "tables" / "tiny"
+    return {t: pd.read_csv(d / f"{t}.csv") for t in ("synthetic", "efficiency")}
+
+
+def test_tiny_dag_through_slurm_equals_local_run(slurm_cluster, tmp_path):
+    local, slurm = tmp_path / "local", tmp_path / "slurm"
+    local.mkdir()
+    slurm.mkdir()
+    r = run_snakemake(["-s", REPO / "Snakefile", "--cores", "2", "--configfile", TINY], cwd=local, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:]
+    r = run_snakemake(["-s", REPO / "Snakefile", "--workflow-profile", SLURM_PROFILE, "--configfile", TINY,
+                       "--jobs", "2"], cwd=slurm, timeout=1200, env=FAST_POLLING_ENV)
+    assert r.returncode == 0, r.stdout[-4000:]
+    jobs = submitted_jobs(r.stdout)
+    rules = sorted(j["rule"] for j in jobs)
+    # every job but the local target rule `all` went through sbatch
+    assert rules == sorted(["quantize_base"] * 2 + ["finetune"] * 5 + ["evaluate"] * 5 + ["report"]), rules
+    for j in jobs:
+        info = job_info(j["jobid"])
+        assert info["JobState"] == "COMPLETED", info
+    a, b = _tables(local), _tables(slurm)
+    pd.testing.assert_frame_equal(a["synthetic"], b["synthetic"])
+    pd.testing.assert_frame_equal(a["efficiency"].drop(columns=TIMING, errors="ignore"),
+                                  b["efficiency"].drop(columns=TIMING, errors="ignore"))
+    for f in ("acc_vs_params", "loss_curves"):
+        assert (slurm / "figures" / "tiny" / f"{f}.png").stat().st_size > 0

@@ -1,0 +1,202 @@
+"""The Snakemake DAG: dry runs of every config, the tiny sweep end to end, restart after a kill, bad configs, lint.
+
+Every snakemake call is bounded with ``timeout -k`` (Snakemake ignores SIGTERM while jobs run).
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from methods.errors import ConfigError
+from qftbench import sweep as S
+from tests.conftest import REPO
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def snakemake(args, cwd, timeout=900, check=True):
+    cmd = ["timeout", "-k", "10", str(timeout), *SNAKEMAKE, "-s", str(REPO / "Snakefile"), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    if check and p.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def job_stats(output: str) -> dict[str, int]:
+    block = output.split("Job stats:")[1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", block, re.M)}
+
+
+# (config, expected jobs): derived by hand from the configs, see the comments
+EXPECTED = {
+    # 2 bases (INT4 g32 RTN shared by base and qalora; NF4), 5 runs (base + 2 ranks x {qlora, qalora})
+    "tiny": {"quantize_base": 2, "finetune": 5, "evaluate": 5, "report": 1, "all": 1, "total": 14},
+    # 14 runs: base, qahira, qahira-ref, peqa + 2 ranks x {lora, qlora, qalora, loftq, qbara}; bases: 16-bit
+    # (base, lora), NF4 (qlora, qbara), INT4 g32 (qalora, qahira, peqa), INT4 8x4 (qahira-ref), LoftQ r4, r16
+    "default": {"quantize_base": 6, "finetune": 14, "evaluate": 14, "report": 1, "all": 1, "total": 36},
+    # 4 runs x 3 evaluation groups (MMLU 0-shot, MMLU 5-shot, commonsense); bases: 16-bit, NF4, INT4 g32 (qalora
+    # and qahira share it)
+    "local": {"quantize_base": 3, "finetune": 4, "evaluate": 12, "report": 1, "all": 1, "total": 21},
+    # 206 configurations x 3 seeds = 618 runs (test_paper_grid_size); 3 evaluation groups each, qlora in two
+    # deployment modes: (618 - 36) x 3 + 36 x 2 x 3 = 1962
+    "paper": {"finetune": 618, "evaluate": 1962, "report": 1, "all": 1},
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_dry_run_job_counts(tmp_path, name):
+    p = snakemake(["-n", "--cores", "2", "--configfile", str(REPO / "config" / f"{name}.yaml")], cwd=tmp_path,
+                  timeout=600)
+    stats = job_stats(p.stdout)
+    for k, v in EXPECTED[name].items():
+        assert stats[k] == v, (k, stats)
+    if name == "paper":  # the 65B runs ask for two GPUs, the others for one
+        assert "gpu=2" in p.stdout and "gpu=1" in p.stdout
+
+
+def test_paper_grid_size():
+    runs = S.expand(S.load(REPO / "config" / "paper.yaml"))
+    assert len(runs) == 618
+    by = {}
+    for cfg in runs.values():
+        by.setdefault(cfg["method"]["name"], 0)
+        by[cfg["method"]["name"]] += 1
+    # per (model, data): base 1 + lora 1 + qlora 1 + qalora 3 + peqa 3 + loftq 1 + qbara 1 + qahira 3 + qahira-ref 1
+    assert by == {"base": (12 + 6 * 3) * 3, "lora": 36, "qlora": 36, "qalora": (36 + 8) * 3, "peqa": 108,
+                  "loftq": 36, "qbara": 36, "qahira": 108, "qahira-ref": 36}
+    a = next(c for c in runs.values() if c["method"]["name"] == "qalora" and c["sweep"]["model_label"] == "llama-65b"
+             and c["sweep"]["data_label"] == "flan_v2")
+    assert a["train"]["lr"] == 1e-5 and a["train"]["max_steps"] == 20000 and a["method"]["dropout"] == 0.05
+    q = next(c for c in runs.values() if c["method"]["name"] == "qlora" and c["sweep"]["model_label"] == "llama-7b")
+    assert q["train"]["lr"] == 2e-4 and q["method"]["dropout"] == 0.1 and q["eval"]["modes"] == ["4+16", "requant"]
+    assert S.resources(S.load(REPO / "config" / "paper.yaml"), a)["gpu"] == 2
+
+
+@pytest.mark.slow
+def test_tiny_dag_runs_end_to_end_and_second_run_does_nothing(tmp_path):
+    cfg = str(REPO / "config" / "tiny.yaml")
+    snakemake(["--cores", "2", "--configfile", cfg], cwd=tmp_path)
+    tables = tmp_path / "results" / "tables" / "tiny"
+    for t in ("synthetic", "efficiency", "paper_vs_reproduced"):
+        for ext in ("csv", "md", "tex"):
+            assert (tables / f"{t}.{ext}").stat().st_size > 0
+    for f in ("acc_vs_params", "acc_vs_flops", "acc_vs_rank", "loss_curves"):
+        assert (tmp_path / "figures" / "tiny" / f"{f}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (tmp_path / "figures" / "tiny" / f"{f}.pdf").read_bytes()[:4] == b"%PDF"
+    text = (tables / "synthetic.csv").read_text()
+    for method in ("base", "qlora", "qalora"):
+        assert method in text
+    # every run left a complete record
+    for rd in (tmp_path / "results" / "runs").iterdir():
+        assert {"train.json", "accounting.json", "provenance.json", "config.yaml", "eval"} <= {p.name for p in rd.iterdir()}
+    again = snakemake(["-n", "--cores", "2", "--configfile", cfg], cwd=tmp_path)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_killed_run_restarts_without_redoing_finished_runs(tmp_path):
+    cfg = str(REPO / "config" / "tiny.yaml")
+    cmd = ["timeout", "-k", "10", "600", *SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--cores", "2",
+           "--configfile", cfg]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    runs = tmp_path / "results" / "runs"
+    deadline = time.time() + 400
+    while time.time() < deadline and len(list(runs.glob("*/train.json"))) < 2:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job tree, mid-way
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in runs.glob("*/train.json")}
+    assert 2 <= len(finished) < 5
+    p = snakemake(["--cores", "2", "--configfile", cfg, "--rerun-incomplete"], cwd=tmp_path)
+    assert len(list(runs.glob("*/train.json"))) == 5
+    for path, mtime in finished.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was trained again"
+    assert (tmp_path / "results" / "tables" / "tiny" / "synthetic.csv").is_file()
+    assert p.returncode == 0
+
+
+# ------------------------------------------------------------------------------------------- bad configs
+GOOD = {
+    "name": "t", "models": ["tiny-llama"], "data": {"synthetic": {"source": "synthetic"}},
+    "methods": [{"name": "qlora"}], "grid": {"rank": [2]}, "seeds": [0],
+}
+
+BAD = [
+    ({"modles": ["tiny-llama"]}, r"unknown key 'modles' in \(top level\). Did you mean \"models\""),
+    ({"methods": [{"name": "qlroa"}]}, r"unknown method 'qlroa'. Did you mean \"qlora\""),
+    ({"methods": [{"name": "qalora", "rnak": 4}]}, r"'qalora' has no hyperparameter 'rnak'. Did you mean \"rank\""),
+    ({"methods": [{"name": "qalora", "bits": [4, 5]}]}, r"bits=5 is not supported; choose one of \[2, 3, 4, 8\]"),
+    ({"methods": [{"name": "qlora"}], "run": {"eval": {"modes": ["int-merge"]}}},
+     r"eval.modes contains 'int-merge' but method 'qlora' has an bnb-nf4"),
+    ({"run": {"train": {"lr": "fast"}}}, r"train.lr='fast'"),
+    ({"run": {"trian": {}}}, r"unknown key 'trian' in run. Did you mean \"train\""),
+    ({"run": {"train": {"max_step": 3}}}, r"unknown key 'train.max_step'. Did you mean \"max_steps\""),
+    ({"data": {"alp": {"source": "alpacca"}}}, r"data.source='alpacca' is not allowed.*Did you mean \"alpaca\""),
+    ({"seeds": []}, r"seeds: \[\] should be non-empty"),
+    ({"overrides": {"method": {"qlroa": {}}}}, r"overrides.method.qlroa: unknown method. Did you mean \"qlora\""),
+    ({"overrides": {"model": {"llama-7b": {}}}}, r"overrides.model.llama-7b: not a model of this sweep"),
+    ({"resources": {"default": {"gpus": 1}}}, r"unknown key 'gpus' in resources.default. Did you mean \"gpu\""),
+    ({"methods": [{"name": "qalora", "group_size": 32, "models": ["llama-7b"]}]},
+     r"methods\[0\] \(qalora\).models: 'llama-7b' is not one of this sweep's models"),
+    ({"run": {"train": {"batch_size": 6, "micro_batch_size": 4}}}, r"not a multiple of train.micro_batch_size=4"),
+    ({"run": {"eval": {"tasks": []}}}, r"eval.tasks=\[\]"),
+    ({"methods": [{"name": "qahira-ref"}], "models": ["tiny-llama"], "grid": {}}, None),  # valid: 8x4 tiles fit
+]
+
+
+@pytest.mark.parametrize("patch,msg", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+def test_bad_sweep_configs_rejected(patch, msg):
+    raw = {**GOOD, **patch}
+    if msg is None:
+        assert S.expand(raw)
+        return
+    with pytest.raises(ConfigError, match=msg):
+        S.expand(raw)
+
+
+def test_bad_config_stops_snakemake_before_any_job(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    for method, msg in [("{name: qalora, group_size: 7}", "in=96 is not divisible by group_size=7"),
+                        ("{name: qalora, bits: 5}", "bits=5 is not supported")]:
+        bad.write_text(f"name: bad\nmodels: [tiny-llama]\ndata: {{s: {{source: synthetic}}}}\nmethods: [{method}]\n")
+        p = snakemake(["--cores", "1", "--configfile", str(bad)], cwd=tmp_path, check=False, timeout=300)
+        assert p.returncode != 0 and msg in p.stdout + p.stderr
+        assert not (tmp_path / "results").exists()
+        assert "Building DAG" not in p.stdout + p.stderr and "rule " not in p.stdout  # no job was scheduled
+
+
+def test_shape_errors_from_the_model_config_alone():
+    raw = {**GOOD, "models": ["smollm2-135m"], "methods": [{"name": "qalora", "group_size": 128}]}
+    from methods.errors import QFTError
+
+    with pytest.raises(QFTError, match=r"model.layers.0.self_attn.q_proj with weight shape \(out=576, in=576\)"
+                                          r": in=576 is not divisible by group_size=128"):
+        S.expand(raw)
+
+
+def test_lint_only_reports_the_documented_environment_lint(tmp_path):
+    p = snakemake(["--lint", "--configfile", str(REPO / "config" / "tiny.yaml")], cwd=tmp_path, check=False)
+    lints = set(re.findall(r"^\s+\* (.+?):?$", p.stdout + p.stderr, re.M))
+    assert lints <= {"Specify a conda environment or container for each rule."}, lints
+
+
+def test_plan_estimates_compute_before_submitting():
+    out = subprocess.run([sys.executable, "-m", "qftbench.cli", "plan", "--sweep", str(REPO / "config" / "paper.yaml"),
+                          "--gpu-tflops", "312", "--mfu", "0.4"], capture_output=True, text=True, timeout=300,
+                         cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "618 runs, 1962 evaluation jobs" in out.stdout and "312 TFLOP/s x MFU 0.4" in out.stdout
+    p = S.plan(S.load(REPO / "config" / "paper.yaml"), gpu_tflops=312, mfu=0.4)
+    r = next(r for r in p["runs"] if r["model"] == "llama-7b" and r["method"] == "qalora" and r["bits"] == 4)
+    assert r["trainable_params"] == 89_309_184
+    assert r["train_tokens"] == 10000 * 16 * 512
+    assert r["gpu_hours"] == pytest.approx(r["train_flops"] / (312e12 * 0.4) / 3600)

@@ -1,0 +1,69 @@
+# Sweep expansion and lookups shared by the rules. No rule lives here.
+import json
+import sys
+from pathlib import Path
+
+from qftbench import pipeline as P
+from qftbench import sweep as S
+
+PY = sys.executable  # the environment that runs snakemake runs every step (also inside SLURM jobs)
+
+if config.get("models"):  # --configfile config/paper.yaml
+    SWEEP = dict(config)
+    SWEEP_SOURCE = "--configfile"
+else:  # default, or --config sweep=path
+    SWEEP_SOURCE = config.get("sweep", "config/default.yaml")
+    if not Path(SWEEP_SOURCE).is_file() and (Path(workflow.basedir) / SWEEP_SOURCE).is_file():
+        SWEEP_SOURCE = str(Path(workflow.basedir) / SWEEP_SOURCE)  # the repo's config/, from any --directory
+    SWEEP = S.load(SWEEP_SOURCE)
+SWEEP = {k: v for k, v in SWEEP.items() if k != "sweep"}
+
+RUNS = S.expand(SWEEP, where=str(SWEEP_SOURCE))  # raises a ConfigError (with the fix) before any job
+if not RUNS:
+    raise ValueError(f"{SWEEP_SOURCE}: the sweep has no runs")
+RESULTS = {str(P.results_dir(c)) for c in RUNS.values()}
+if len(RESULTS) != 1:
+    raise ValueError(f"{SWEEP_SOURCE}: every run must use the same paths.results (got {sorted(RESULTS)})")
+RESULTS = RESULTS.pop()
+OUT = {"tables": f"{RESULTS}/tables", "figures": "figures", **SWEEP.get("outputs", {})}
+RES = {rid: S.resources(SWEEP, cfg) for rid, cfg in RUNS.items()}
+
+EVALS = {}  # (run, mode, group) -> evaluation job
+for _rid, _cfg in RUNS.items():
+    for _job in S.eval_jobs(_cfg):
+        EVALS[(_rid, _job["mode"], _job["key"])] = _job
+
+BASES = {}  # base folder name -> a run that builds it
+for _rid, _cfg in RUNS.items():
+    BASES.setdefault(P.base_dir(_cfg).name, _rid)
+BASE_OF = {rid: P.base_dir(cfg).name for rid, cfg in RUNS.items()}
+
+TABLES = S.expected_tables(SWEEP, RUNS)
+TABLES_ARG = ",".join(TABLES)
+FIGURES = ["acc_vs_params", "acc_vs_flops", "acc_vs_rank", "loss_curves"]
+
+
+wildcard_constraints:
+    run="[^/]+",
+    base="[^/]+",
+    mode="[^/]+",
+    group="[^/]+",
+
+
+def training_json(rid):
+    return json.dumps(S.training_view(RUNS[rid]), sort_keys=True)
+
+
+def full_json(rid):
+    return json.dumps({k: v for k, v in RUNS[rid].items() if k != "sweep"}, sort_keys=True)
+
+
+def res(rid, key, default=None):
+    return RES[rid].get(key, default)
+
+
+def all_targets():
+    return (
+        [f"{OUT['tables']}/{t}.{ext}" for t in TABLES for ext in ("csv", "md", "tex")]
+        + [f"{OUT['figures']}/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")]
+    )

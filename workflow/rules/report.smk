@@ -1,0 +1,31 @@
+# Collation: tables (CSV, Markdown, LaTeX from one DataFrame each) and figures (PNG, PDF).
+
+
+rule report:
+    input:
+        evals=[job["path"] for job in EVALS.values()],
+        trained=[f"{RESULTS}/runs/{rid}/train.json" for rid in RUNS],
+    output:
+        tables=[f"{OUT['tables']}/{t}.{ext}" for t in TABLES for ext in ("csv", "md", "tex")],
+        figures=[f"{OUT['figures']}/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")],
+    params:
+        py=PY,
+        runs=lambda w: ",".join(sorted(RUNS)),
+        name=SWEEP.get("name", "sweep"),
+        results=lambda w, input: str(Path(input.trained[0]).parents[2]),  # <results>/runs/<run>/train.json
+        tables=lambda w, output: str(Path(output.tables[0]).parent),
+        figures=lambda w, output: str(Path(output.figures[0]).parent),
+        expect=TABLES_ARG,
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=0,
+        cpus_per_task=1,
+    log:
+        f"{RESULTS}/logs/report/{SWEEP.get('name', 'sweep')}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report/{SWEEP.get('name', 'sweep')}.tsv"
+    shell:
+        "{params.py} -m qftbench.cli report --results {params.results:q} --runs {params.runs:q} --tables {params.tables:q} "
+        "--figures {params.figures:q} --name {params.name:q} --expect {params.expect:q} > {log:q} 2>&1"
