@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "train": TRAIN_DEFAULTS,
     "eval": {"tasks": ["qft_synthetic"], "num_fewshot": {}, "limit": None, "batch_size": 8,
              "data_root": None, "modes": ["deploy"], "seed": 1234,
-             "requant": {"bits": 4, "group_size": 128, "quantizer": "gptq"}},
+             "requant": {"bits": 4, "group_size": 32, "quantizer": "gptq"}},
     "seed": 0,
     "paths": {"results": "results", "scratch": "scratch", "cache": None},
 }

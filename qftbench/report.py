@@ -65,7 +65,7 @@ PAPER_METHODS: dict[str, tuple[str, str] | None] = {
 #: a suite method's own deployment mode (as methods.<name>.deploy), for runs whose accounting lacks it
 DEPLOY_MODE = {"lora": "fp16-merge", "qlora": "4+16", "loftq": "4+16", "qbara": "4+16", "qalora": "int-merge",
                "qahira": "int-merge", "qahira-ref": "int-merge", "peqa": "int-merge", "base": "base"}
-DEFAULT_REQUANT = {"bits": 4, "group_size": 32, "quantizer": "rtn"}
+DEFAULT_REQUANT = {"bits": 4, "group_size": 32, "quantizer": "gptq"}  # = qftbench.config DEFAULTS
 
 
 # ------------------------------------------------------------------------------------------------ helpers

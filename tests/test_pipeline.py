@@ -157,3 +157,30 @@ def test_missing_model_path_fails_before_training(tmp_path):
     with pytest.raises(OSError, match="no-such-model"):
         P.finetune_step(cfg)
     assert not P.run_dir(cfg).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,quantizer", [("qlora", "gptq"), ("loftq", "rtn")])
+def test_merge_then_requantize(tmp_path, name, quantizer):
+    """The "QLoRA w/ GPTQ" row: merge to fp16, then GPTQ (calibration from the fine-tuning data) or RTN at k bits."""
+    from methods.quant.linear import QuantLinear
+
+    method = {"name": name, "rank": 4, "alpha": 8} | ({"iters": 1} if name == "loftq" else {})
+    cfg = tiny_cfg(tmp_path, method, train={"max_steps": 2, "lr": 1e-2},
+                   eval={"modes": ["fp16-merge", "requant"], "requant": {"bits": 4, "group_size": 32,
+                                                                         "quantizer": quantizer}},
+                   calibration={"n_samples": 4, "seq_len": 16})
+    P.finetune_step(cfg)
+    dense, _, _ = P.deployed_model(cfg, "fp16-merge")
+    requant, _, mode = P.deployed_model(cfg, "requant")
+    assert mode == "requant"
+    layers = [m for m in requant.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 14 and all(q.scheme.kind == "int" and q.scheme.bits == 4 for q in layers)
+    ids = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        a, b = dense(ids).logits, requant(ids).logits
+    rel = float((a - b).norm() / a.norm())
+    assert 0 < rel < 0.2, rel  # quantization error, small but not zero
+    out = P.evaluate_step(cfg, "requant")
+    res = json.loads(out.read_text())
+    assert res["mode"] == "requant" and res["tasks"]["qft_synthetic"]["n"] == 6

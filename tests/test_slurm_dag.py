@@ -51,3 +51,19 @@ def test_tiny_dag_through_slurm_equals_local_run(slurm_cluster, tmp_path):
                                   b["efficiency"].drop(columns=TIMING, errors="ignore"))
     for f in ("acc_vs_params", "loss_curves"):
         assert (slurm / "figures" / "tiny" / f"{f}.png").stat().st_size > 0
+
+
+def test_paper_dry_run_with_slurm_profile_lists_gpu_resources(tmp_path):
+    """No cluster needed: the profile's dry run shows each job's GPUs, memory and time limit."""
+    r = run_snakemake(["-s", REPO / "Snakefile", "--workflow-profile", SLURM_PROFILE, "-n", "--configfile",
+                       REPO / "config" / "paper.yaml"], cwd=tmp_path, timeout=600,
+                      env={"QFT_SLURM_PARTITION": "gpu", "QFT_SLURM_ACCOUNT": "proj42"})
+    assert r.returncode == 0, r.stdout[-3000:]
+    out = r.stdout
+    # one fine-tuning job of a 65B and of a 7B model: 2 GPUs vs 1, with the memory and time from config/paper.yaml
+    blocks = out.split("\n\n")
+    ft65 = next(b for b in blocks if "rule finetune:" in b and "llama-65b-qalora" in b)
+    ft7 = next(b for b in blocks if "rule finetune:" in b and "llama-7b-qlora" in b)
+    assert "gpu=2" in ft65 and "mem_mb=256000" in ft65 and "runtime=7200" in ft65
+    assert "gpu=1" in ft7 and "mem_mb=64000" in ft7 and "runtime=1440" in ft7
+    assert "slurm_partition=gpu" in ft7 and "slurm_account=proj42" in ft7

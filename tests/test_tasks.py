@@ -280,9 +280,13 @@ def test_synthetic_task(tmp_path):
     docs = [{"question": " What is 2+2? ", "choices": ["3", "4", "5", "6"], "answer": 1, "subject": "basic_math"},
             {"question": "Pick C", "choices": ["a", "b", "c", "d"], "answer": "C", "subject": ""}]
     path.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    t = qtasks.build_task("qft_synthetic", synthetic_path=path)
+    t = qtasks.build_task("qft_synthetic_letter", synthetic_path=path)  # MMLU's letter format
     d0, d1 = t.eval_docs[0], t.eval_docs[1]
     assert t.fewshot_context(d0, 0) == ("The following are multiple choice questions (with answers) about basic math."
                                         "\n\nWhat is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:")
     assert t.fewshot_context(d1, 0) == "Pick C\nA. a\nB. b\nC. c\nD. d\nAnswer:"
     assert t.doc_to_choice(d0) == ["A", "B", "C", "D"] and t.doc_to_target(d0) == 1 and t.doc_to_target(d1) == 2
+    c = qtasks.build_task("qft_synthetic", synthetic_path=path)  # the default: the answer texts, as ARC
+    e0, e1 = c.eval_docs[0], c.eval_docs[1]
+    assert c.fewshot_context(e0, 0) == "Question: What is 2+2?\nAnswer:"
+    assert c.doc_to_choice(e0) == ["3", "4", "5", "6"] and c.doc_to_target(e0) == 1 and c.doc_to_target(e1) == 2
