@@ -308,9 +308,23 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _device_of(module: nn.Module) -> torch.device | None:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return None
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace ``model.<name>`` by ``new``, placed on the replaced module's device (its GPU when the model was
+    spread over several GPUs with a device map, so that new adapters, bases and merged layers sit beside it)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child, None)
+    dev = _device_of(old) if old is not None else None
+    if dev is not None and dev.type != "meta":
+        devices = {t.device for t in list(new.parameters()) + list(new.buffers())}
+        if devices and devices != {dev}:  # e.g. a new CPU adapter beside a base already on the GPU
+            new = new.to(dev)
     setattr(parent, child, new)
 
 
