@@ -65,7 +65,8 @@ def run(method_names=None, steps: int = 60, rank: int = 8, lr: float = 3e-3, see
     base = toy_model(seed)
     rows = []
     for name in method_names:
-        hp = {} if name == "peqa" else {"rank": rank, "alpha": 2 * rank}
+        cls = methods.get(name)
+        hp = {"rank": rank, "alpha": 2 * rank} if "rank" in cls.hyperparameters else {}
         if name == "loftq":
             hp["iters"] = 2
         m = methods.build(name, **hp)
@@ -73,10 +74,10 @@ def run(method_names=None, steps: int = 60, rank: int = 8, lr: float = 3e-3, see
         model = m.prepare(copy.deepcopy(base))
         loss0, acc0 = evaluate(model, test)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=DEFAULT_LR.get(name, lr), weight_decay=0.0)
         torch.manual_seed(seed)
         model.train()
-        for x in train:
+        opt = torch.optim.AdamW(params, lr=DEFAULT_LR.get(name, lr), weight_decay=0.0) if params else None
+        for x in (train if params else []):  # the un-tuned base has nothing to train
             loss = model(x, labels=x).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 0.3)
