@@ -45,6 +45,11 @@ def cmd_demo(args) -> int:
 
 
 def _cfg(args):
+    if getattr(args, "gpus", None) is not None:  # before anything can initialise CUDA
+        from .gpus import claim
+
+        used = claim(args.gpus)
+        print(f"qftbench: --gpus {args.gpus}: CUDA_VISIBLE_DEVICES={','.join(used)!r}", file=sys.stderr)
     from . import config as C
 
     if args.threads:
@@ -121,6 +126,8 @@ def cmd_plan(args) -> int:
     from . import sweep as S
 
     raw = S.load(args.sweep)
+    if args.gpu_mem_gib:
+        raw.setdefault("resources", {})["gpu_mem_gib"] = args.gpu_mem_gib
     print(S.plan_text(raw, args.sweep, gpu_tflops=args.gpu_tflops, mfu=args.mfu))
     return 0
 
@@ -129,6 +136,10 @@ def _add_config(s):
     s.add_argument("--config", help="a run config (YAML), see config/run.example.yaml")
     s.add_argument("--config-json", help="a run config as a JSON string (what the Snakemake rules pass)")
     s.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="use exactly N GPUs (the rules pass the job's resources: gpu): 0 hides every GPU, "
+                        "N of several visible GPUs are claimed with a lock so that concurrent local jobs "
+                        "never share one, a model is spread over N > 1 (default: use what is visible)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set method.rank=8 --set train.max_steps=20")
 
@@ -157,7 +168,7 @@ def main(argv=None) -> int:
     s.set_defaults(func=cmd_finetune)
     s = sub.add_parser("evaluate", help="evaluate a finished run with lm-eval in a deployment mode")
     _add_config(s)
-    s.add_argument("--mode", default="deploy", help="deploy | 4+16 | int-merge | fp16-merge | requant | base")
+    s.add_argument("--mode", default="deploy", help="deploy | 4+16 | int-merge | fp16-merge | requant (one eval.requant setting) | requant-w<bits>g<group>[-rtn] (one of a list) | base")
     s.add_argument("--tasks", default=None, help="comma-separated task names (default: eval.tasks)")
     s.add_argument("--num-fewshot", type=int, default=None)
     s.set_defaults(func=cmd_evaluate)
@@ -177,6 +188,8 @@ def main(argv=None) -> int:
     s.add_argument("--gpu-tflops", type=float, default=None,
                    help="peak dense bf16 TFLOP/s of the GPU (default: the sweep's resources.gpu_tflops or 989, H100 SXM)")
     s.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation assumed (default 0.3)")
+    s.add_argument("--gpu-mem-gib", type=float, default=None,
+                   help="memory of one GPU in GiB for the fit check (default: the sweep's resources.gpu_mem_gib or 80)")
     s.set_defaults(func=cmd_plan)
     from .cli_account import add_parser as add_account
 

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,10 @@ import yaml
 from methods.errors import ConfigError, did_you_mean
 
 DEPLOY_MODES = ("deploy", "4+16", "int-merge", "fp16-merge", "requant", "base")
+#: one re-quantization setting (``eval.requant``, or each entry of a list of them)
+REQUANT_DEFAULTS = {"bits": 4, "group_size": 32, "quantizer": "gptq"}
+#: the evaluation mode of one entry of an ``eval.requant`` list (see :func:`requant_mode_name`)
+REQUANT_MODE_RE = re.compile(r"^requant-w(\d+)g(\d+)(-rtn)?$")
 
 TRAIN_DEFAULTS = {
     "max_steps": 10000, "batch_size": 16, "micro_batch_size": 4, "lr": 2e-4, "lr_scheduler": "constant",
@@ -38,7 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "train": TRAIN_DEFAULTS,
     "eval": {"tasks": ["qft_synthetic"], "num_fewshot": {}, "limit": None, "batch_size": 8,
              "data_root": None, "modes": ["deploy"], "seed": 1234,
-             "requant": {"bits": 4, "group_size": 32, "quantizer": "gptq"}},
+             "requant": dict(REQUANT_DEFAULTS)},  # or a list of such settings
     "seed": 0,
     "paths": {"results": "results", "scratch": "scratch", "cache": None},
 }
@@ -53,6 +58,9 @@ _null = {"type": "null"}
 def _obj(props: dict, required=(), extra=False) -> dict:
     return {"type": "object", "properties": props, "required": list(required), "additionalProperties": extra}
 
+
+_REQUANT = _obj({"bits": {"enum": [2, 3, 4, 8]}, "group_size": {"type": "integer", "minimum": 1},
+                 "quantizer": {"enum": ["gptq", "rtn"]}})
 
 SCHEMA = _obj({
     "model": _obj({"name": _str, "label": _str,
@@ -91,8 +99,7 @@ SCHEMA = _obj({
         "data_root": {"type": ["string", "null"]},
         "modes": {"type": "array", "items": {"enum": list(DEPLOY_MODES)}, "minItems": 1},
         "seed": _int,
-        "requant": _obj({"bits": {"enum": [2, 3, 4, 8]}, "group_size": {"type": "integer", "minimum": 1},
-                         "quantizer": {"enum": ["gptq", "rtn"]}}),
+        "requant": {"anyOf": [_REQUANT, {"type": "array", "items": _REQUANT, "minItems": 1}]},
     }),
     "seed": _int,
     "paths": _obj({"results": _str, "scratch": _str, "cache": {"type": ["string", "null"]}}),
@@ -109,17 +116,32 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _branch(node: dict, want: str) -> dict:
+    """The ``anyOf`` branch of JSON type ``want`` (eval.requant: a setting or a list of settings)."""
+    if "anyOf" not in node:
+        return node
+    return next((b for b in node["anyOf"] if b.get("type") == want), {})
+
+
 def _schema_at(path) -> dict:
     node = SCHEMA
     for p in path:
         if isinstance(p, int):
-            node = node.get("items", {})
+            node = _branch(node, "array").get("items", {})
         else:
-            node = node.get("properties", {}).get(p, {})
-    return node
+            node = _branch(node, "object").get("properties", {}).get(p, {})
+    return _branch(node, "object")
 
 
 def _explain(err: jsonschema.ValidationError, where: str) -> str:
+    if err.validator == "anyOf" and list(err.absolute_path) == ["eval", "requant"]:
+        if isinstance(err.instance, (dict, list)):  # explain the branch of the value's own type
+            branch = 1 if isinstance(err.instance, list) else 0
+            sub = [e for e in err.context if e.relative_schema_path and e.relative_schema_path[0] == branch]
+            if sub:
+                return _explain(min(sub, key=lambda e: list(e.absolute_path)), where)
+        return (f"{where}: eval.requant={err.instance!r} is neither a setting nor a list of settings; write "
+                f"{{bits: 4, group_size: 32, quantizer: gptq}} or a non-empty list of such mappings.")
     path = ".".join(str(p) for p in err.absolute_path)
     field = path or "(top level)"
     if err.validator == "additionalProperties":
@@ -149,6 +171,9 @@ def resolve(raw: dict | None, where: str = "config") -> dict:
         if k not in top:
             raise ConfigError(f"{where}: unknown key {k!r}.{did_you_mean(k, top)} Allowed keys: {', '.join(sorted(top))}.")
     cfg = _merge(DEFAULTS, raw)
+    rq = cfg["eval"].get("requant")
+    if isinstance(rq, list):  # a list of settings: the defaults filled into each entry
+        cfg["eval"]["requant"] = [_merge(REQUANT_DEFAULTS, r) if isinstance(r, dict) else r for r in rq]
     errors = sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError(_explain(errors[0], where))
@@ -158,9 +183,79 @@ def resolve(raw: dict | None, where: str = "config") -> dict:
     except ConfigError as e:
         raise ConfigError(f"{where}: method: {e}") from None
     cfg["method"] = {"name": method.name, **method.hp}
+    _check_requant(cfg["eval"]["requant"], where)
     _check_combinations(cfg, method, where)
     _check_tasks(tuple(cfg["eval"]["tasks"]), cfg["eval"]["data_root"], where)
     return cfg
+
+
+def _check_requant(rq, where: str) -> None:
+    """A list of re-quantization settings must not name one setting twice (each becomes one evaluation mode)."""
+    if not isinstance(rq, list):
+        return
+    seen: dict[str, int] = {}
+    for i, r in enumerate(rq):
+        name = requant_mode_name(r)
+        if name in seen:
+            raise ConfigError(
+                f"{where}: eval.requant lists the setting {r!r} twice (entries {seen[name]} and {i}, both "
+                f"evaluation mode {name!r}); remove the duplicate entry (each setting is evaluated once).")
+        seen[name] = i
+
+
+# ------------------------------------------------------------------------------------- evaluation modes
+def requant_mode_name(rq: dict) -> str:
+    """``requant-w<bits>g<group_size>``, with ``-rtn`` for the RTN quantizer: the evaluation mode (and results
+    folder ``eval/<mode>/``) of one entry of an ``eval.requant`` list, e.g. ``requant-w3g32``."""
+    rq = {**REQUANT_DEFAULTS, **rq}
+    return f"requant-w{rq['bits']}g{rq['group_size']}" + ("-rtn" if rq["quantizer"] == "rtn" else "")
+
+
+def requant_modes(eval_cfg: dict) -> dict[str, dict]:
+    """``{mode: setting}`` of the run's re-quantization settings, in config order. One setting (a dict, as
+    before lists were allowed) keeps the mode name ``requant``; a list gives one ``requant-w<b>g<g>[-rtn]``
+    mode per entry."""
+    rq = (eval_cfg or {}).get("requant")
+    if isinstance(rq, list):
+        return {requant_mode_name(r): {**REQUANT_DEFAULTS, **r} for r in rq}
+    return {"requant": {**REQUANT_DEFAULTS, **(rq or {})}}
+
+
+def is_requant_mode(mode: str) -> bool:
+    """``requant`` or a ``requant-w<b>g<g>[-rtn]`` mode."""
+    return mode == "requant" or bool(REQUANT_MODE_RE.match(str(mode)))
+
+
+def eval_modes(cfg: dict) -> list[str]:
+    """``eval.modes`` with ``requant`` expanded into one mode per ``eval.requant`` setting (``deploy`` is left
+    as it is: its meaning depends on the method)."""
+    out: list[str] = []
+    for m in cfg["eval"]["modes"]:
+        for x in (list(requant_modes(cfg["eval"])) if m == "requant" else [m]):
+            if x not in out:
+                out.append(x)
+    return out
+
+
+def check_mode(cfg: dict, mode: str, where: str = "eval mode") -> dict | None:
+    """Check an evaluation mode against the run config (before any compute); returns the re-quantization
+    setting of a requant mode, else None. Raises :class:`ConfigError` listing the valid modes."""
+    rqm = requant_modes(cfg["eval"])
+    valid = [m for m in DEPLOY_MODES if m != "requant"] + list(rqm)
+    if mode in rqm:
+        return rqm[mode]
+    if mode in valid:
+        return None
+    if is_requant_mode(mode):
+        if "requant" in rqm:
+            fix = (f"this run has one eval.requant setting ({rqm['requant']}), evaluated as mode 'requant'; use "
+                   f"--mode requant, or make eval.requant a list that includes this setting")
+        else:
+            fix = (f"the eval.requant settings of this run are modes {', '.join(rqm)}"
+                   + ("" if mode != "requant" else " (a list of settings has one mode per setting)")
+                   + "; use one of them, or add the setting to eval.requant")
+        raise ConfigError(f"{where} {mode!r} is not a re-quantization setting of this run: {fix}.")
+    raise ConfigError(f"{where} {mode!r} is not one of {', '.join(valid)}.{did_you_mean(mode, valid)}")
 
 
 _CHECKED_TASKS: set = set()

@@ -389,6 +389,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .gpus import check_spread
+
     name = os.fspath(name_or_path)
     if name == TINY_LLAMA:
         tokenizer = _finish_tokenizer(load_tokenizer_smollm2(cache_dir))
@@ -434,6 +436,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"Could not load the model folder {name!r}: {exc}") from exc
+        check_spread(getattr(model, "hf_device_map", None), name, torch.cuda.device_count())
         return model.eval(), _finish_tokenizer(tokenizer)
 
     # a hub id; a bare name close to a built-in one is almost certainly a typo, not a hub model
@@ -472,6 +475,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
             f"Fix: check the id (e.g. huggyllama/llama-7b) and network access, or pass a local folder path "
             f"(start it with ./ or / to mark it as a path), or a built-in name: {builtins}."
         ) from exc
+    check_spread(getattr(model, "hf_device_map", None), name, torch.cuda.device_count())
     return model.eval(), _finish_tokenizer(tokenizer)
 
 

@@ -132,6 +132,9 @@ def load_model(cfg):
     model, tok = _load(cfg["model"]["name"], dtype=DTYPES.get(cfg["model"]["dtype"], torch.float32),
                        cache_dir=model_cache(cfg), seed=cfg["seed"])
     if torch.cuda.is_available() and not getattr(model, "hf_device_map", None):
+        from .gpus import check_fits_one_gpu
+
+        check_fits_one_gpu(model, cfg["model"]["name"])
         model.to("cuda")  # one GPU: quantize, train and evaluate there (several GPUs: device_map="auto")
     return model, tok
 
@@ -233,7 +236,9 @@ def _trained_tokens(rd: Path) -> int:
 
 # --------------------------------------------------------------------------------------------- evaluate
 def deployed_model(cfg, mode: str):
-    """The model as evaluated in ``mode`` (``deploy`` resolves to the method's own deployment)."""
+    """The model as evaluated in ``mode`` (``deploy`` resolves to the method's own deployment; ``requant`` or
+    ``requant-w<bits>g<group>[-rtn]``: merged to fp16, then re-quantized at that ``eval.requant`` setting)."""
+    rq = C.check_mode(cfg, mode)  # an unknown mode or requant setting fails before any model work
     model, tok, method = prepared_model(cfg)
     if method.name != "base":
         rd = run_dir(cfg)
@@ -246,19 +251,18 @@ def deployed_model(cfg, mode: str):
         pass
     elif mode == "int-merge":
         method.merge(model)
-    elif mode in ("fp16-merge", "requant"):
+    elif mode == "fp16-merge" or rq is not None:
         methods.Method.merge(method, model, dtype=torch.float16) if method.name != "base" else None
         model.to(DTYPES.get(cfg["model"]["dtype"], torch.float32))
-        if mode == "requant":
+        if rq is not None:
             from methods.quant.scheme import QuantScheme
             from methods.requant import requantize
 
-            rq = cfg["eval"]["requant"]
             scheme = QuantScheme(kind="int", bits=rq["bits"], group_size=rq["group_size"])
             calib = calibration_batches(cfg, tok) if rq["quantizer"] == "gptq" else None
             requantize(model, layers, scheme, rq["quantizer"], calib)
     else:
-        raise methods.ConfigError(f"eval mode {mode!r} is not one of {C.DEPLOY_MODES}")
+        raise methods.ConfigError(f"eval mode {mode!r} is not one of {C.DEPLOY_MODES}")  # (checked above)
     model.eval()
     return model, tok, mode
 
@@ -268,9 +272,14 @@ def _tasks_key(tasks, num_fewshot) -> str:
 
 
 def evaluate_step(cfg, mode: str = "deploy", tasks: list[str] | None = None, num_fewshot: int | None = None) -> Path:
-    """Evaluate one run in one deployment mode on a task group; writes eval/<mode>/<tasks>.json atomically."""
+    """Evaluate one run in one deployment mode on a task group; writes eval/<mode>/<tasks>.json atomically.
+
+    ``mode``: ``deploy``, ``4+16``, ``int-merge``, ``fp16-merge``, ``base``, and ``requant`` (one
+    ``eval.requant`` setting) or ``requant-w<bits>g<group>[-rtn]`` (one entry of an ``eval.requant`` list);
+    a requant result records its setting under ``"requant"``."""
     from .evaluate import evaluate
 
+    rq = C.check_mode(cfg, mode)
     tasks = tasks or cfg["eval"]["tasks"]
     rd = run_dir(cfg)
     method = build_method(cfg)
@@ -285,6 +294,8 @@ def evaluate_step(cfg, mode: str = "deploy", tasks: list[str] | None = None, num
                    batch_size=cfg["eval"]["batch_size"], data_root=cfg["eval"]["data_root"],
                    seed=cfg["eval"]["seed"], synthetic_path=synth)
     res["mode"] = resolved_mode
+    if rq is not None:
+        res["requant"] = rq
     res["num_fewshot"] = num_fewshot
     res["seconds"] = time.perf_counter() - t0
     res["provenance"] = {**res.get("provenance", {}), **record(step="evaluate")}
@@ -302,10 +313,11 @@ def collect_metrics(rd: Path) -> Path:
 
 
 def run_all(cfg) -> Path:
-    """prepare, finetune and evaluate (every mode in eval.modes, every few-shot setting)."""
+    """prepare, finetune and evaluate (every mode in eval.modes, ``requant`` once per eval.requant setting, every
+    few-shot setting)."""
     prepare_step(cfg)
     rd = finetune_step(cfg)
-    for mode in cfg["eval"]["modes"]:
+    for mode in C.eval_modes(cfg):
         for tasks, shots in eval_groups(cfg):
             evaluate_step(cfg, mode, tasks, shots)
     return rd

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -48,7 +49,9 @@ COLUMNS = RUN_COLUMNS + EVAL_COLUMNS + EXTRA_COLUMNS + ACCOUNTING_COLUMNS
 GROUP_KEYS = ["model", "method", "data", "mode", "deploy_bits", "deploy_group_size", "rank", "alpha", "config_id",
               "task", "shots", "category", "metric"]
 
-#: the paper's method name -> (suite method, evaluation mode); None: no counterpart in the suite
+#: the paper's method name -> (suite method, evaluation mode); None: no counterpart in the suite. ``requant``
+#: stands for the whole family: ``requant`` and every ``requant-w<bits>g<group>[-rtn]`` mode (see
+#: :func:`mode_family`); the published bits and group size then pick the matching setting.
 PAPER_METHODS: dict[str, tuple[str, str] | None] = {
     "QLoRA": ("qlora", "4+16"),
     "QLoRA (NF4+DQ)": ("qlora", "4+16"),
@@ -65,7 +68,9 @@ PAPER_METHODS: dict[str, tuple[str, str] | None] = {
 #: a suite method's own deployment mode (as methods.<name>.deploy), for runs whose accounting lacks it
 DEPLOY_MODE = {"lora": "fp16-merge", "qlora": "4+16", "loftq": "4+16", "qbara": "4+16", "qalora": "int-merge",
                "qahira": "int-merge", "qahira-ref": "int-merge", "peqa": "int-merge", "base": "base"}
-DEFAULT_REQUANT = {"bits": 4, "group_size": 32, "quantizer": "gptq"}  # = qftbench.config DEFAULTS
+DEFAULT_REQUANT = {"bits": 4, "group_size": 32, "quantizer": "gptq"}  # = qftbench.config.REQUANT_DEFAULTS
+#: ``requant-w<bits>g<group>[-rtn]``: one entry of an ``eval.requant`` list (= qftbench.config.REQUANT_MODE_RE)
+REQUANT_MODE_RE = re.compile(r"^requant-w(\d+)g(\d+)(-rtn)?$")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -100,16 +105,34 @@ def config_id(cfg: Mapping) -> str:
     return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def deployment(method: Mapping, mode: str, eval_cfg: Mapping | None = None) -> tuple[str, int | None]:
+def mode_family(mode: str) -> str:
+    """``requant`` for ``requant`` and every ``requant-w<bits>g<group>[-rtn]`` mode; other modes unchanged."""
+    return "requant" if REQUANT_MODE_RE.match(str(mode)) else str(mode)
+
+
+def deployment(method: Mapping, mode: str, eval_cfg: Mapping | None = None,
+               requant: Mapping | None = None) -> tuple[str, int | None]:
     """``(bits, group_size)`` of the weights as evaluated in ``mode``, in the papers' notation: ``"4+16"`` for a
-    4-bit base with a 16-bit adapter, ``"16"`` for an fp16 merge, the requantization's bits for ``requant``."""
+    4-bit base with a 16-bit adapter, ``"16"`` for an fp16 merge, the requantization's bits for ``requant`` and
+    ``requant-w<bits>g<group>[-rtn]``. The requantization setting is, in this order: ``requant`` (the one an
+    eval file records), the mode's name (``requant-w3g32``: 3 bits, groups of 32), ``eval_cfg["requant"]``
+    (one setting; of a list, the first), the default."""
     bits, group = method.get("bits"), method.get("group_size")
     if mode == "4+16":
         return f"{bits}+16", _int_or_none(group)
     if mode == "fp16-merge":
         return "16", None
-    if mode == "requant":
-        rq = {**DEFAULT_REQUANT, **((eval_cfg or {}).get("requant") or {})}
+    if mode_family(mode) == "requant":
+        named = REQUANT_MODE_RE.match(str(mode))
+        if isinstance(requant, Mapping) and requant.get("bits") is not None:
+            rq = {**DEFAULT_REQUANT, **requant}
+        elif named:
+            rq = {"bits": int(named.group(1)), "group_size": int(named.group(2))}
+        else:
+            cfg_rq = (eval_cfg or {}).get("requant") or {}
+            if isinstance(cfg_rq, list):
+                cfg_rq = cfg_rq[0] if cfg_rq else {}
+            rq = {**DEFAULT_REQUANT, **cfg_rq}
         return str(rq["bits"]), _int_or_none(rq["group_size"])
     if bits is None:
         return "", None
@@ -230,9 +253,12 @@ def collect(results_dir: str | os.PathLike) -> pd.DataFrame:
             continue
         mcfg, ecfg = info.pop("_method_cfg"), info.pop("_eval_cfg")
         run_rows: dict[tuple, dict] = {}
+        requant_of: dict[str, Mapping] = {}  # mode -> the re-quantization setting its eval files record
         for p in sorted((rd / "eval").glob("*/*.json")):
             res = _read_json(p)
             mode = res.get("mode") or p.parent.name
+            if isinstance(res.get("requant"), Mapping):
+                requant_of[mode] = res["requant"]
             for r in _eval_rows(res, mode):
                 key = (r["mode"], r["task"], r["shots"], r["category"], r["metric"])
                 run_rows[key] = r  # the same number evaluated twice: the last file (by name) wins
@@ -248,7 +274,7 @@ def collect(results_dir: str | os.PathLike) -> pd.DataFrame:
                     "value": sum(vals[t] for t in COMMONSENSE_TASKS) / len(COMMONSENSE_TASKS),
                     "stderr": math.nan, "n": None}
         for r in run_rows.values():
-            dbits, dgroup = deployment(mcfg, r["mode"], ecfg)
+            dbits, dgroup = deployment(mcfg, r["mode"], ecfg, requant_of.get(r["mode"]))
             rows.append({**info, **r, "deploy_bits": dbits, "deploy_group_size": dgroup})
     df = pd.DataFrame(rows, columns=COLUMNS)
     for c in ("bits", "group_size", "rank", "seed", "shots", "n", "deploy_group_size", "trainable_params",
@@ -322,8 +348,9 @@ def _sort_rows(t: pd.DataFrame) -> pd.DataFrame:
     def key(col: pd.Series):
         if col.name == "method":
             return col.map(lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)))
-        if col.name == "mode":
-            return col.map(lambda m: (MODE_ORDER.index(m) if m in MODE_ORDER else len(MODE_ORDER)))
+        if col.name == "mode":  # requant-w<b>g<g>: beside requant, then by deploy_bits (descending)
+            return col.map(lambda m: (MODE_ORDER.index(mode_family(m)) if mode_family(m) in MODE_ORDER
+                                      else len(MODE_ORDER)))
         if col.name in ("deploy_bits", "bits"):
             return col.map(lambda b: -float(str(b).split("+")[0]) if str(b) not in ("", "<NA>") else 0.0)
         if col.name in ("rank", "deploy_group_size", "group", "group_size"):
@@ -470,7 +497,9 @@ def paper_vs_reproduced(df: pd.DataFrame, paper_csv: str | os.PathLike | None = 
         shots = None if pd.isna(r.shots) else int(r.shots)
         matches = []
         for mode, pr in index.get((paper_model(r.model), r.method, r.task, shots, r.category, r.metric), []):
-            if r.task != "efficiency" and mode != r.mode:
+            if r.task != "efficiency" and mode != mode_family(r.mode):
+                continue
+            if str(r.mode).endswith("-rtn"):  # an RTN re-quantization is not the papers' "w/ GPTQ" number
                 continue
             pbits, rbits = _num_bits(pr["bits"]), _num_bits(r.deploy_bits)
             if pbits is not None and rbits is not None and pbits != rbits:

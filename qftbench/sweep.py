@@ -28,6 +28,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+import math
+
 from methods.errors import ConfigError, did_you_mean
 
 from . import config as C
@@ -66,7 +68,8 @@ SCHEMA = {
             "additionalProperties": False},
         "resources": {"type": "object", "properties": {
             "default": _res, "models": {"type": "object", "additionalProperties": _res},
-            "gpu_tflops": {"type": "number"}, "mfu": {"type": "number"}}, "additionalProperties": False},
+            "gpu_tflops": {"type": "number"}, "mfu": {"type": "number"},
+            "gpu_mem_gib": {"type": "number", "exclusiveMinimum": 0}}, "additionalProperties": False},
         "outputs": {"type": "object", "properties": {"tables": {"type": "string"}, "figures": {"type": "string"},
                                                      "report": {"type": "string"}},
                     "additionalProperties": False},
@@ -272,14 +275,15 @@ def training_view(cfg: dict) -> dict:
 
 
 def eval_jobs(cfg: dict) -> list[dict]:
-    """One evaluation job per (deployment mode, task group): ``{mode, tasks, shots, key, path}``."""
+    """One evaluation job per (deployment mode, task group): ``{mode, tasks, shots, key, path}``. ``requant``
+    becomes one mode per ``eval.requant`` setting when that is a list (``requant-w3g32``, ...)."""
     import methods
 
     from . import pipeline as P
 
     method = methods.build(cfg["method"]["name"], **{k: v for k, v in cfg["method"].items() if k != "name"})
     modes = []
-    for m in cfg["eval"]["modes"]:
+    for m in C.eval_modes(cfg):
         m = method.deploy if m == "deploy" else m
         if method.name == "base":
             m = "base"
@@ -308,6 +312,49 @@ def expected_tables(sweep: dict, runs: dict[str, dict]) -> list[str]:
     if "synthetic" in tasks:
         out.append("synthetic")
     return out + ["efficiency", "paper_vs_reproduced"]
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
+#: the share of a GPU that transformers' device_map="auto" fills with weights (it keeps 10% for buffers)
+GPU_FILL = 0.9
+
+
+def memory_fit(sweep: dict, runs: dict[str, dict] | None = None, gpu_mem_gib: float | None = None,
+               where: str = "sweep") -> list[dict]:
+    """Whether each model's weights fit on the GPUs its jobs ask for, before any job.
+
+    A job loads the model's 16-bit (``model.dtype``) weights onto its GPUs -- spread over them with
+    ``device_map="auto"`` when it has several -- and then quantizes them in place, so the 16-bit weights must
+    fit into ``gpu x gpu_mem_gib x 0.9`` (``resources.gpu_mem_gib``, default 80, an H100/A100-80GB). One row
+    per model: ``{model, params, weights_gib, gpus, capacity_gib, fits, fix}``; jobs without GPUs are skipped.
+    """
+    from .accounting import base_params, known_models, load_config
+
+    runs = expand(sweep, where) if runs is None else runs
+    mem = float(gpu_mem_gib or sweep.get("resources", {}).get("gpu_mem_gib") or 80.0)
+    rows: dict[str, dict] = {}
+    for cfg in runs.values():
+        label = cfg["sweep"]["model_label"]
+        if label in rows:
+            continue
+        gpus = resources(sweep, cfg).get("gpu", 0)
+        if not gpus:
+            continue
+        model = label if label in known_models() else cfg["model"]["name"]
+        try:
+            n = base_params(load_config(model)[1])
+        except ConfigError:  # a hub model without a shipped config: not guessed
+            continue
+        gib = n * DTYPE_BYTES.get(cfg["model"]["dtype"], 2) / 2**30
+        cap = gpus * mem * GPU_FILL
+        need = max(1, math.ceil(gib / (mem * GPU_FILL)))
+        rows[label] = {"model": label, "params": n, "dtype": cfg["model"]["dtype"], "weights_gib": gib,
+                       "gpus": gpus, "gpu_mem_gib": mem, "capacity_gib": cap, "fits": gib <= cap,
+                       "fix": None if gib <= cap else (
+                           f"set resources.models.{label}.gpu: {need} (its {cfg['model']['dtype']} weights, "
+                           f"{gib:.1f} GiB, need {need} GPUs of {mem:g} GiB), or set resources.gpu_mem_gib to "
+                           f"your GPUs' memory if it is larger")}
+    return list(rows.values())
 
 
 def plan(sweep: dict, where: str = "sweep", gpu_tflops: float | None = None, mfu: float | None = None) -> dict:
@@ -350,7 +397,7 @@ def plan(sweep: dict, where: str = "sweep", gpu_tflops: float | None = None, mfu
              "requested_gpu_hours": sum((r["runtime_min"] or 0) / 60 * max(1, r["gpus"]) for r in rows
                                         if r["gpus"]),
              "evaluations": sum(len(eval_jobs(c)) for c in runs.values())}
-    return {"runs": rows, "total": total}
+    return {"runs": rows, "total": total, "memory": memory_fit(sweep, runs, where=where)}
 
 
 def plan_text(sweep: dict, where: str = "sweep", **kw) -> str:
@@ -369,6 +416,14 @@ def plan_text(sweep: dict, where: str = "sweep", **kw) -> str:
     if t["requested_gpu_hours"]:
         lines.append(f"The runtime limits requested from the scheduler add up to {t['requested_gpu_hours']:.0f} "
                      f"GPU-hours (runtime x GPUs per fine-tuning job).")
+    if p["memory"]:
+        lines.append("")
+        lines.append("GPU memory (the 16-bit weights are loaded onto a job's GPUs, spread over several with "
+                     "device_map='auto', then quantized in place):")
+        for m in p["memory"]:
+            lines.append(f"  {m['model']:12s} {m['params'] / 1e9:6.1f}B params, {m['dtype']} {m['weights_gib']:7.1f} GiB "
+                         f"on {m['gpus']} x {m['gpu_mem_gib']:g} GiB ({m['capacity_gib']:.0f} GiB usable): "
+                         + ("fits" if m["fits"] else f"DOES NOT FIT -- {m['fix']}"))
     errs = [r for r in p["runs"] if r["error"]]
     if errs:
         lines.append(f"{len(errs)} runs have no estimate: {errs[0]['error']}")

@@ -148,8 +148,9 @@ def _precision(cfg: TrainConfig) -> str:
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: summed over the job's GPUs (a model spread over several), else the RSS."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 

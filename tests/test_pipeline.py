@@ -121,6 +121,15 @@ def test_finetune_resume_through_pipeline(tmp_path):
     ({"method": {"name": "qlora"}, "eval": {"tasks": ["hellaswagg"]}},
      r"eval.tasks: unknown task 'hellaswagg'.*Did you mean: hellaswag"),
     ({"method": {"name": "qlora"}, "eval": {"tasks": ["qft_mmluu"]}}, r"unknown task 'qft_mmluu'.*Did you mean: qft_mmlu"),
+    ({"method": {"name": "qlora"}, "eval": {"requant": [{"bits": 3}, {"bits": 3, "group_size": 32}]}},
+     r"eval.requant lists the setting \{'bits': 3, 'group_size': 32, 'quantizer': 'gptq'\} twice \(entries 0 and 1, "
+     r"both evaluation mode 'requant-w3g32'\); remove the duplicate"),
+    ({"method": {"name": "qlora"}, "eval": {"requant": [{"bits": 4}, {"bits": 5}]}},
+     r"eval.requant.1.bits=5 is not allowed; choose one of \[2, 3, 4, 8\]"),
+    ({"method": {"name": "qlora"}, "eval": {"requant": [{"bits": 4, "groupsize": 32}]}},
+     r"unknown key 'eval.requant.0.groupsize'. Did you mean \"group_size\""),
+    ({"method": {"name": "qlora"}, "eval": {"requant": []}}, r"eval.requant=\[\]: \[\] should be non-empty"),
+    ({"method": {"name": "qlora"}, "eval": {"requant": "gptq"}}, r"eval.requant='gptq' is neither a setting nor a list"),
 ])
 def test_bad_run_configs(raw, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -184,3 +193,64 @@ def test_merge_then_requantize(tmp_path, name, quantizer):
     out = P.evaluate_step(cfg, "requant")
     res = json.loads(out.read_text())
     assert res["mode"] == "requant" and res["tasks"]["qft_synthetic"]["n"] == 6
+
+
+def test_requant_list_fills_defaults_and_names_one_mode_per_setting():
+    one = C.resolve({"method": {"name": "qlora"}, "eval": {"modes": ["4+16", "requant"], "requant": {"bits": 3}}})
+    assert one["eval"]["requant"] == {"bits": 3, "group_size": 32, "quantizer": "gptq"}
+    assert C.eval_modes(one) == ["4+16", "requant"]  # one setting: the mode keeps its name (eval/requant/)
+    assert C.check_mode(one, "requant") == {"bits": 3, "group_size": 32, "quantizer": "gptq"}
+    cfg = C.resolve({"method": {"name": "qlora"}, "eval": {"modes": ["4+16", "requant"], "requant": [
+        {"bits": 4}, {"bits": 3, "group_size": 64}, {"bits": 2, "quantizer": "rtn"}]}})
+    assert cfg["eval"]["requant"] == [{"bits": 4, "group_size": 32, "quantizer": "gptq"},
+                                      {"bits": 3, "group_size": 64, "quantizer": "gptq"},
+                                      {"bits": 2, "group_size": 32, "quantizer": "rtn"}]
+    assert C.eval_modes(cfg) == ["4+16", "requant-w4g32", "requant-w3g64", "requant-w2g32-rtn"]
+    assert C.check_mode(cfg, "requant-w3g64") == {"bits": 3, "group_size": 64, "quantizer": "gptq"}
+    assert C.check_mode(cfg, "4+16") is None
+    assert C.resolve(cfg) == cfg  # a resolved config (what the workflow passes as JSON) resolves to itself
+    with pytest.raises(ConfigError, match=r"eval mode 'requant-w3g32' is not a re-quantization setting of this "
+                                          r"run: .* modes requant-w4g32, requant-w3g64, requant-w2g32-rtn"):
+        C.check_mode(cfg, "requant-w3g32")
+    with pytest.raises(ConfigError, match=r"eval mode 'requant' is not .* one mode per setting"):
+        C.check_mode(cfg, "requant")
+    with pytest.raises(ConfigError, match=r"'requant-w2g32-rtn' is not .* evaluated as mode 'requant'; use --mode "
+                                          r"requant"):
+        C.check_mode(one, "requant-w2g32-rtn")
+    with pytest.raises(ConfigError, match=r"eval mode 'fp16merge' is not one of .*Did you mean \"fp16-merge\""):
+        C.check_mode(cfg, "fp16merge")
+
+
+@pytest.mark.slow
+def test_requant_list_evaluates_every_setting(tmp_path, capsys):
+    """A list of eval.requant settings: one evaluation per setting from the same trained model, each in its own
+    folder, recorded and collated with its own bits."""
+    from qftbench import report as R
+    from qftbench.cli import main
+
+    cfg = tiny_cfg(tmp_path, {"name": "qlora", "rank": 4, "alpha": 8}, train={"max_steps": 2, "lr": 1e-2},
+                   eval={"modes": ["requant"], "requant": [{"bits": 4, "quantizer": "rtn"},
+                                                           {"bits": 2, "quantizer": "rtn"}]})
+    with pytest.raises(ConfigError, match=r"requant-w3g32.*requant-w4g32-rtn, requant-w2g32-rtn"):
+        P.evaluate_step(cfg, "requant-w3g32")  # before any compute: nothing trained, nothing written
+    assert not P.run_dir(cfg).exists()
+    rd = P.run_all(cfg)
+    files = sorted(p.relative_to(rd / "eval").as_posix() for p in (rd / "eval").glob("*/*.json"))
+    assert files == ["requant-w2g32-rtn/qft_synthetic.json", "requant-w4g32-rtn/qft_synthetic.json"]
+    for mode, bits in (("requant-w4g32-rtn", 4), ("requant-w2g32-rtn", 2)):
+        res = json.loads((rd / "eval" / mode / "qft_synthetic.json").read_text())
+        assert res["mode"] == mode and res["requant"] == {"bits": bits, "group_size": 32, "quantizer": "rtn"}
+        assert res["tasks"]["qft_synthetic"]["n"] == 6
+    assert set(json.loads((rd / "metrics.json").read_text())) == {"requant-w4g32-rtn", "requant-w2g32-rtn"}
+    df = R.collect(P.results_dir(cfg))
+    got = df[df["task"] == "synthetic"].drop_duplicates("mode").set_index("mode")
+    assert got.loc["requant-w4g32-rtn", "deploy_bits"] == "4" and got.loc["requant-w2g32-rtn", "deploy_bits"] == "2"
+    assert set(got["deploy_group_size"]) == {32}
+    syn = R.tables(df, paper_csv=False)["synthetic"]
+    assert syn["mode"].tolist() == ["requant-w4g32-rtn", "requant-w2g32-rtn"] and syn["bits"].tolist() == ["4", "2"]
+    # the workflow's command line: a known setting (already evaluated: nothing is recomputed), an unknown one
+    js = json.dumps(cfg)
+    assert main(["evaluate", "--config-json", js, "--mode", "requant-w2g32-rtn"]) == 0
+    assert capsys.readouterr().out.strip() == str(rd / "eval" / "requant-w2g32-rtn" / "qft_synthetic.json")
+    assert main(["evaluate", "--config-json", js, "--mode", "requant-w3g32"]) == 2
+    assert "use one of them" in capsys.readouterr().err

@@ -300,3 +300,55 @@ def test_report_cli(results, tmp_path):
     long = pd.read_csv(tmp_path / "out" / "long.csv")
     assert long["run_id"].nunique() == 6
     assert (tmp_path / "out" / "tables" / "mmlu.md").is_file()
+
+
+def test_deployment_of_requant_modes():
+    qlora = {"name": "qlora", "bits": 4}
+    assert R.deployment(qlora, "requant", {"requant": {"bits": 3, "group_size": 64}}) == ("3", 64)
+    assert R.deployment(qlora, "requant", {}) == ("4", 32)  # the default setting
+    # a list of settings: the mode's name carries the setting (qftbench.config.requant_mode_name)
+    lst = {"requant": [{"bits": 4, "group_size": 32, "quantizer": "gptq"}, {"bits": 3, "group_size": 32,
+                                                                              "quantizer": "gptq"}]}
+    for rq in ({"bits": 3, "group_size": 32, "quantizer": "gptq"}, {"bits": 2, "group_size": 128, "quantizer": "rtn"},
+               {"bits": 8, "group_size": 32, "quantizer": "gptq"}):
+        mode = C.requant_mode_name(rq)
+        assert R.deployment(qlora, mode, lst) == (str(rq["bits"]), rq["group_size"])
+        assert R.mode_family(mode) == "requant" and C.is_requant_mode(mode)
+    assert C.requant_mode_name({"bits": 2, "group_size": 128, "quantizer": "rtn"}) == "requant-w2g128-rtn"
+    # the setting an eval file records wins over the config (which may have changed since the run was trained)
+    assert R.deployment(qlora, "requant", {"requant": {"bits": 4}}, {"bits": 2, "group_size": 32}) == ("2", 32)
+    assert R.deployment(qlora, "4+16", lst) == ("4+16", None) and R.mode_family("4+16") == "4+16"
+
+
+def test_requant_list_rows_match_the_papers_3_and_2_bit_rows(results, tmp_path):
+    """QLoRA w/ GPTQ at 4, 3 and 2 bits (QA-LoRA Table 1, llama-7b, Alpaca) from one run with an eval.requant
+    list: each mode is its own table row and is joined with the published row of its bits."""
+    runs = tmp_path / "results" / "runs"
+    src = results / "runs" / "llama-7b-qlora-r64-4b-alpaca-s0-hand"
+    rd = runs / src.name
+    shutil.copytree(src, rd)
+    shutil.rmtree(rd / "eval")
+    cfg = yaml.safe_load((rd / "config.yaml").read_text())
+    cfg["eval"]["modes"] = ["4+16", "requant"]
+    cfg["eval"]["requant"] = [{"bits": b, "group_size": 32, "quantizer": "gptq"} for b in (4, 3, 2)]
+    (rd / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    for bits, avg in ((4, 0.370), (3, 0.330), (2, 0.255)):
+        mode = f"requant-w{bits}g32"
+        res = mmlu_eval(avg, CATS1, mode)
+        if bits != 2:  # what evaluate_step writes; without it the mode's name gives the setting
+            res["requant"] = {"bits": bits, "group_size": 32, "quantizer": "gptq"}
+        (rd / "eval" / mode).mkdir(parents=True)
+        (rd / "eval" / mode / "qft_mmlu-5shot.json").write_text(json.dumps(res))
+    df = R.collect(tmp_path / "results")
+    assert sorted(set(zip(df["mode"], df["deploy_bits"], df["deploy_group_size"]))) == [
+        ("requant-w2g32", "2", 32), ("requant-w3g32", "3", 32), ("requant-w4g32", "4", 32)]
+    tabs = R.tables(df)
+    mmlu = tabs["mmlu"]
+    assert mmlu["mode"].tolist() == ["requant-w4g32", "requant-w3g32", "requant-w2g32"]
+    assert mmlu["bits"].tolist() == ["4", "3", "2"] and mmlu["5-shot Avg."].tolist() == ["37.0", "33.0", "25.5"]
+    pv = tabs["paper_vs_reproduced"]
+    avg = pv[(pv["task"] == "mmlu") & (pv["category"] == "avg") & (pv["metric"] == "acc_micro")]
+    got = {r.bits: (r.mode, r.paper_method, r.paper, r.reproduced, r.group) for r in avg.itertuples()}
+    assert got == {"4": ("requant-w4g32", "QLoRA w/ GPTQ", 36.0, 37.0, 32),
+                   "3": ("requant-w3g32", "QLoRA w/ GPTQ", 34.0, 33.0, 32),
+                   "2": ("requant-w2g32", "QLoRA w/ GPTQ", 25.8, 25.5, 32)}

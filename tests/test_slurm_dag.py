@@ -66,4 +66,6 @@ def test_paper_dry_run_with_slurm_profile_lists_gpu_resources(tmp_path):
     ft7 = next(b for b in blocks if "rule finetune:" in b and "llama-7b-qlora" in b)
     assert "gpu=2" in ft65 and "mem_mb=256000" in ft65 and "runtime=7200" in ft65
     assert "gpu=1" in ft7 and "mem_mb=64000" in ft7 and "runtime=1440" in ft7
+    # the step gets its GPU count from the same resource (it spreads the 65B model over both GPUs)
+    assert "--gpus 2 " in ft65 and "--gpus 1 " in ft7
     assert "slurm_partition=gpu" in ft7 and "slurm_account=proj42" in ft7

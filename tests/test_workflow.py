@@ -45,9 +45,9 @@ EXPECTED = {
     # 4 runs x 3 evaluation groups (MMLU 0-shot, MMLU 5-shot, commonsense); bases: 16-bit, NF4, INT4 g32 (qalora
     # and qahira share it)
     "local": {"quantize_base": 3, "finetune": 4, "evaluate": 12, "report": 1, "all": 1, "total": 21},
-    # 206 configurations x 3 seeds = 618 runs (test_paper_grid_size); 3 evaluation groups each, qlora in two
-    # deployment modes: (618 - 36) x 3 + 36 x 2 x 3 = 1962
-    "paper": {"finetune": 618, "evaluate": 1962, "report": 1, "all": 1},
+    # 206 configurations x 3 seeds = 618 runs (test_paper_grid_size); 3 evaluation groups each, qlora in four
+    # deployment modes (4+16, requant-w4g32/w3g32/w2g32): (618 - 36) x 3 + 36 x 4 x 3 = 2178
+    "paper": {"finetune": 618, "evaluate": 2178, "report": 1, "all": 1},
 }
 
 
@@ -77,6 +77,17 @@ def test_paper_grid_size():
     assert a["train"]["lr"] == 1e-5 and a["train"]["max_steps"] == 20000 and a["method"]["dropout"] == 0.05
     q = next(c for c in runs.values() if c["method"]["name"] == "qlora" and c["sweep"]["model_label"] == "llama-7b")
     assert q["train"]["lr"] == 2e-4 and q["method"]["dropout"] == 0.1 and q["eval"]["modes"] == ["4+16", "requant"]
+    # "QLoRA w/ GPTQ" at 4, 3 and 2 bits from the same trained model: one evaluation mode per setting
+    jobs = S.eval_jobs(q)
+    assert [j["mode"] for j in jobs if j["key"] == "mmlu-5shot"] == ["4+16", "requant-w4g32", "requant-w3g32",
+                                                                     "requant-w2g32"]
+    cs = "hellaswag+piqa+winogrande+arc_easy+arc_challenge+boolq+openbookqa"
+    assert [j["path"].split("/eval/")[1] for j in jobs if j["mode"] == "requant-w3g32"] == [
+        "requant-w3g32/mmlu.json", "requant-w3g32/mmlu-5shot.json", f"requant-w3g32/{cs}.json"]
+    from qftbench import report as R
+
+    assert [R.deployment(q["method"], j["mode"], q["eval"]) for j in jobs if j["key"] == "mmlu-5shot"] == [
+        ("4+16", None), ("4", 32), ("3", 32), ("2", 32)]
     assert S.resources(S.load(REPO / "config" / "paper.yaml"), a)["gpu"] == 2
 
 
@@ -202,7 +213,7 @@ def test_plan_estimates_compute_before_submitting():
                           "--gpu-tflops", "312", "--mfu", "0.4"], capture_output=True, text=True, timeout=300,
                          cwd=REPO)
     assert out.returncode == 0, out.stderr
-    assert "618 runs, 1962 evaluation jobs" in out.stdout and "312 TFLOP/s x MFU 0.4" in out.stdout
+    assert "618 runs, 2178 evaluation jobs" in out.stdout and "312 TFLOP/s x MFU 0.4" in out.stdout
     p = S.plan(S.load(REPO / "config" / "paper.yaml"), gpu_tflops=312, mfu=0.4)
     r = next(r for r in p["runs"] if r["model"] == "llama-7b" and r["method"] == "qalora" and r["bits"] == 4)
     assert r["trainable_params"] == 89_309_184

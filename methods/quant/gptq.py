@@ -69,6 +69,7 @@ earlier sub-layers already quantized), as GPTQ/GPTQModel with ``true_sequential=
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import warnings
@@ -319,6 +320,27 @@ def _find_decoder_layers(model: nn.Module, target_names: Sequence[str]) -> tuple
     return best[1], best[2]
 
 
+def _module_device(module: nn.Module) -> torch.device | None:
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        return t.device
+    return None
+
+
+def _to_device(x, device: torch.device | None):
+    """``x`` (a tensor, or tuples / lists / dicts of them) on ``device``; everything else unchanged."""
+    if device is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x if x.device == device else x.to(device)
+    if isinstance(x, tuple):
+        return tuple(_to_device(v, device) for v in x)
+    if isinstance(x, list):
+        return [_to_device(v, device) for v in x]
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
 def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
     parent_name, _, child = dotted.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -423,8 +445,12 @@ def gptq_quantize_model(
         extra.append((rest, kw))
 
     def _run_block(layer):
+        # a model spread over GPUs (device_map="auto"): a block's inputs go to that block's device (accelerate's
+        # hooks would do the same where they exist; models placed by hand have none)
+        dev = _module_device(layer)
         outs = []
         for h, (rest, kw) in zip(hidden, extra):
+            h, rest, kw = _to_device(h, dev), _to_device(rest, dev), _to_device(kw, dev)
             out = layer(h, *rest, **kw)
             outs.append(out[0] if isinstance(out, (tuple, list)) else out)
         return outs

@@ -27,6 +27,11 @@ if len(RESULTS) != 1:
 RESULTS = RESULTS.pop()
 OUT = {"tables": f"{RESULTS}/tables", "figures": "figures", **SWEEP.get("outputs", {})}
 RES = {rid: S.resources(SWEEP, cfg) for rid, cfg in RUNS.items()}
+for _m in S.memory_fit(SWEEP, RUNS, where=str(SWEEP_SOURCE)):  # a warning: resources.gpu_mem_gib is a guess
+    if not _m["fits"]:
+        print(f"qftbench WARNING: {_m['model']}: {_m['weights_gib']:.1f} GiB of {_m['dtype']} weights do not fit "
+              f"on {_m['gpus']} x {_m['gpu_mem_gib']:g} GiB GPUs; its jobs will stop when loading. Fix: "
+              f"{_m['fix']}.", file=sys.stderr)
 
 EVALS = {}  # (run, mode, group) -> evaluation job
 for _rid, _cfg in RUNS.items():

@@ -24,4 +24,4 @@ rule evaluate:
         f"{RESULTS}/benchmarks/evaluate/{{run}}/{{mode}}/{{group}}.tsv"
     shell:
         "{params.py} -m qftbench.cli evaluate --config-json {params.cfg:q} --mode {wildcards.mode:q} "
-        "--tasks {params.tasks:q} --num-fewshot {params.shots} --threads {threads} > {log:q} 2>&1"
+        "--tasks {params.tasks:q} --num-fewshot {params.shots} --threads {threads} --gpus {resources.gpu} > {log:q} 2>&1"

@@ -23,4 +23,4 @@ rule finetune:
     benchmark:
         f"{RESULTS}/benchmarks/finetune/{{run}}.tsv"
     shell:
-        "{params.py} -m qftbench.cli finetune --config-json {params.cfg:q} --threads {threads} > {log:q} 2>&1"
+        "{params.py} -m qftbench.cli finetune --config-json {params.cfg:q} --threads {threads} --gpus {resources.gpu} > {log:q} 2>&1"

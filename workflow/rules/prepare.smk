@@ -19,4 +19,4 @@ rule quantize_base:
     benchmark:
         f"{RESULTS}/benchmarks/quantize_base/{{base}}.tsv"
     shell:
-        "{params.py} -m qftbench.cli prepare --config-json {params.cfg:q} --threads {threads} > {log:q} 2>&1"
+        "{params.py} -m qftbench.cli prepare --config-json {params.cfg:q} --threads {threads} --gpus {resources.gpu} > {log:q} 2>&1"
