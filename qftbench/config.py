@@ -36,7 +36,7 @@ TRAIN_DEFAULTS = {
 DEFAULTS: dict[str, Any] = {
     "model": {"name": "smollm2-135m", "dtype": "float32"},
     "method": {"name": "qlora"},
-    "data": {"source": "synthetic", "path": None, "n": None, "holdout": 0, "seed": 0,
+    "data": {"source": "synthetic", "path": None, "n": None, "holdout": 0, "seed": 0, "empty_outputs": "keep",
              "source_max_len": 384, "target_max_len": 128,
              "synthetic": {"seed": 0, "n_entities": None, "phrasings_per_fact": None, "eval_per_fact": None}},
     "calibration": {"source": None, "path": None, "n_samples": 128, "seq_len": 512, "seed": 0},
@@ -71,6 +71,7 @@ SCHEMA = _obj({
         "source": {"enum": ["synthetic", "alpaca", "flan_v2", "local"]},
         "path": {"type": ["string", "null"]}, "n": {"type": ["integer", "null"], "minimum": 1},
         "holdout": {"type": "integer", "minimum": 0}, "seed": _int,
+        "empty_outputs": {"enum": ["keep", "drop"]},
         "source_max_len": {"type": "integer", "minimum": 1}, "target_max_len": {"type": "integer", "minimum": 1},
         "synthetic": _obj({"seed": _int, "n_entities": {"type": ["integer", "null"], "minimum": 1},
                            "phrasings_per_fact": {"type": ["integer", "null"], "minimum": 1},
@@ -184,6 +185,7 @@ def resolve(raw: dict | None, where: str = "config") -> dict:
         raise ConfigError(f"{where}: method: {e}") from None
     cfg["method"] = {"name": method.name, **method.hp}
     _check_requant(cfg["eval"]["requant"], where)
+    _check_task_keys(cfg, where)
     _check_combinations(cfg, method, where)
     _check_tasks(tuple(cfg["eval"]["tasks"]), cfg["eval"]["data_root"], where)
     return cfg
@@ -275,6 +277,32 @@ def _check_tasks(tasks: tuple, data_root, where: str) -> None:
     _CHECKED_TASKS.add(key)
 
 
+def limit_for(cfg: dict, tasks) -> float | dict | None:
+    """``eval.limit`` as one evaluation job of ``tasks`` applies it: a number as it is; a per-task mapping
+    restricted to the job's own tasks (None when it names none of them). Each task-group job (MMLU 0-shot,
+    MMLU 5-shot, the commonsense tasks) thus gets exactly the limits of the tasks it evaluates."""
+    limit = cfg["eval"]["limit"]
+    if not isinstance(limit, dict):
+        return limit
+    own = {t: v for t, v in limit.items() if t in tasks}
+    return own or None
+
+
+def _check_task_keys(cfg: dict, where: str) -> None:
+    """eval.limit and eval.num_fewshot may only name tasks of eval.tasks (a key that no job evaluates is
+    almost always a typo, and would silently evaluate that task in full)."""
+    tasks = cfg["eval"]["tasks"]
+    for field in ("limit", "num_fewshot"):
+        value = cfg["eval"][field]
+        if not isinstance(value, dict):
+            continue
+        for k in value:
+            if k not in tasks:
+                raise ConfigError(
+                    f"{where}: eval.{field} names task {k!r}, which is not in eval.tasks ({', '.join(tasks)})."
+                    f"{did_you_mean(k, tasks)} Fix: add {k!r} to eval.tasks or remove eval.{field}.{k}.")
+
+
 def _check_combinations(cfg: dict, method, where: str) -> None:
     from .train import TrainConfig
 
@@ -333,12 +361,19 @@ def load(path: str | os.PathLike, overrides=()) -> dict:
 
 
 TRAINING_KEYS = ("model", "method", "data", "calibration", "train", "seed")
+#: settings added after run ids were first published: at these values they are left out of the hash, so that
+#: the runs of existing configs keep their ids (the value is the behaviour those runs already had).
+HASH_NEUTRAL = {("data", "empty_outputs"): "keep"}
 
 
 def run_id(cfg: dict) -> str:
     """``<model>-<method>-r<rank>-<bits>b[-g<g>]-<data>-s<seed>-<hash8>`` from the training-relevant sections."""
     m = cfg["method"]
-    canon = json.dumps({k: cfg[k] for k in TRAINING_KEYS}, sort_keys=True, default=str)
+    view = {k: copy.deepcopy(cfg[k]) for k in TRAINING_KEYS}
+    for (section, key), neutral in HASH_NEUTRAL.items():
+        if view[section].get(key, neutral) == neutral:
+            view[section].pop(key, None)
+    canon = json.dumps(view, sort_keys=True, default=str)
     h = hashlib.sha256(canon.encode()).hexdigest()[:8]
     parts = [cfg["model"].get("label") or Path(str(cfg["model"]["name"])).name, m["name"]]
     if "rank" in m:

@@ -64,6 +64,8 @@ __all__ = [
     "load_records",
     "subsample",
     "prepare_data",
+    "is_empty_output",
+    "EMPTY_OUTPUTS",
     "tokenize_example",
     "tokenize_records",
     "InstructionCollator",
@@ -89,6 +91,10 @@ ALPACA_HUB_ID = "tatsu-lab/alpaca"
 FLAN_V2_HUB_ID = "SirNeural/flan_v2"
 FLAN_V2_HUB_FILE = "cot_zs_noopt_train.jsonl.gz"
 SOURCES = ("alpaca", "flan_v2", "local", "synthetic")
+#: what to do with a record whose output is empty (or whitespace only). ``keep``: train on it, the target
+#: being EOS alone -- what Stanford Alpaca's train.py and QLoRA's qlora.py do with the 49 such records of
+#: alpaca_data.json; ``drop``: remove them from the source before subsampling.
+EMPTY_OUTPUTS = ("keep", "drop")
 
 
 class DataError(QFTError, ValueError):
@@ -107,6 +113,9 @@ class DataInfo(TypedDict, total=False):
     n: int                 # training records used
     n_holdout: int         # hold-out records
     seed: int              # subsampling / split seed
+    empty_outputs: str     # keep (train on EOS alone, as the papers' code does) | drop
+    n_empty_output_total: int  # records with an empty output in the source (before a drop)
+    n_empty_output: int    # of them, in the training set (0 with drop)
     synthetic: dict | None  # generator arguments for the synthetic source
 
 
@@ -222,6 +231,8 @@ def _field(rec: Any, i: int, field: str, where: str, fix: str, required: bool = 
 
 
 def _validate_instructions(raw: Sequence[Any], where: str) -> list[dict[str, str]]:
+    """Every record checked (an object with string fields); an empty *output* is allowed (see
+    :data:`EMPTY_OUTPUTS`), an empty *instruction* is not: there would be no prompt to learn from."""
     fix = "each record needs string fields 'instruction' and 'output' (and optionally 'input')"
     out = []
     for i, rec in enumerate(raw):
@@ -230,12 +241,15 @@ def _validate_instructions(raw: Sequence[Any], where: str) -> list[dict[str, str
         output = _field(rec, i, "output", where, fix)
         if not instruction.strip():
             raise DataError(f"{where}: record {i} field 'instruction' is empty. Fix: remove or fill the record.")
-        if not output.strip():
-            raise DataError(f"{where}: record {i} field 'output' is empty. Fix: remove or fill the record.")
         out.append({"instruction": instruction, "input": inp, "output": output})
     if not out:
         raise DataError(f"{where}: no records. Fix: point at a non-empty data file.")
     return out
+
+
+def is_empty_output(record: dict[str, str]) -> bool:
+    """True when the record's output is empty or whitespace only (its target is then EOS alone)."""
+    return not record["output"].strip()
 
 
 def _hub_records(hub_id: str, **kw) -> list[dict[str, Any]]:
@@ -361,13 +375,27 @@ def subsample(records: Sequence[Any], n: int | None, seed: int = 0,
 
 
 def prepare_data(source: str, path: str | os.PathLike | None = None, n: int | None = None, seed: int = 0,
-                 holdout: int = 0, **synthetic_kw) -> tuple[list[dict[str, str]], list[dict[str, str]], DataInfo]:
-    """Load, validate, subsample and split: ``(train_records, holdout_records, DataInfo)``."""
+                 holdout: int = 0, empty_outputs: str = "keep",
+                 **synthetic_kw) -> tuple[list[dict[str, str]], list[dict[str, str]], DataInfo]:
+    """Load, validate, subsample and split: ``(train_records, holdout_records, DataInfo)``.
+
+    ``empty_outputs`` (:data:`EMPTY_OUTPUTS`): ``keep`` trains on records with an empty output (target = EOS
+    alone), ``drop`` removes them before subsampling; either way ``DataInfo`` counts them."""
+    if empty_outputs not in EMPTY_OUTPUTS:
+        raise DataError(f"empty_outputs={empty_outputs!r} is not allowed.{did_you_mean(str(empty_outputs), EMPTY_OUTPUTS)} "
+                        f"Fix: use one of {list(EMPTY_OUTPUTS)}.")
     records = load_records(source, path, **synthetic_kw)
+    n_empty_total = sum(map(is_empty_output, records))
+    if empty_outputs == "drop" and n_empty_total:
+        records = [r for r in records if not is_empty_output(r)]
+        if not records:
+            raise DataError(f"{source} {path}: every record has an empty output. Fix: use empty_outputs='keep' "
+                            f"or other data.")
     train, held = subsample(records, n, seed=seed, holdout=holdout)
     info: DataInfo = {"source": source, "path": None, "hub_id": None, "hub_file": None, "sha256": None,
                       "n_total": len(records), "n": len(train), "n_holdout": len(held), "seed": int(seed),
-                      "synthetic": None}
+                      "empty_outputs": empty_outputs, "n_empty_output_total": n_empty_total,
+                      "n_empty_output": sum(map(is_empty_output, train)), "synthetic": None}
     if source == "synthetic":
         from qftbench import synthetic
 

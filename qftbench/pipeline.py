@@ -97,11 +97,13 @@ def load_records(cfg) -> tuple[list, list, dict]:
     d = cfg["data"]
     if d["source"] == "synthetic":
         path = ensure_synthetic(cfg) / "train.json"
-        train, held, info = prepare_data("local", path, n=d["n"], seed=d["seed"], holdout=d["holdout"])
+        train, held, info = prepare_data("local", path, n=d["n"], seed=d["seed"], holdout=d["holdout"],
+                                         empty_outputs=d["empty_outputs"])
         info["source"] = "synthetic"
         info["synthetic"] = json.loads((synthetic_dir(cfg) / "manifest.json").read_text())
         return train, held, info
-    return prepare_data(d["source"], d["path"], n=d["n"], seed=d["seed"], holdout=d["holdout"])
+    return prepare_data(d["source"], d["path"], n=d["n"], seed=d["seed"], holdout=d["holdout"],
+                        empty_outputs=d["empty_outputs"])
 
 
 def calibration_spec(cfg) -> dict:
@@ -185,6 +187,11 @@ def finetune_step(cfg, *, stop_after: int | None = None) -> Path:
         return rd
     t0 = time.perf_counter()
     train_recs, _, data_info = load_records(cfg)  # bad data fails here, before any model work
+    if data_info.get("n_empty_output_total"):
+        log.warning("data: %d of the source's records have an empty output; %s (%d in this run's %d training "
+                    "records, each trained on EOS alone)", data_info["n_empty_output_total"],
+                    "kept" if data_info["empty_outputs"] == "keep" else "dropped (data.empty_outputs: drop)",
+                    data_info["n_empty_output"], data_info["n"])
     model, tok, method = prepared_model(cfg)
     t_prep = time.perf_counter() - t0
     examples = tokenize_records(tok, train_recs, cfg["data"]["source_max_len"], cfg["data"]["target_max_len"])
@@ -290,7 +297,7 @@ def evaluate_step(cfg, mode: str = "deploy", tasks: list[str] | None = None, num
     t0 = time.perf_counter()
     model, tok, resolved_mode = deployed_model(cfg, mode)
     synth = ensure_synthetic(cfg) / "eval.jsonl" if any(t.startswith("qft_synthetic") for t in tasks) else None
-    res = evaluate(model, tok, tasks, num_fewshot=num_fewshot, limit=cfg["eval"]["limit"],
+    res = evaluate(model, tok, tasks, num_fewshot=num_fewshot, limit=C.limit_for(cfg, tasks),
                    batch_size=cfg["eval"]["batch_size"], data_root=cfg["eval"]["data_root"],
                    seed=cfg["eval"]["seed"], synthetic_path=synth)
     res["mode"] = resolved_mode
