@@ -304,3 +304,46 @@ def test_error_hub_offline(tmp_path):
                          timeout=120)
     assert "ERR Could not load the hub dataset 'tatsu-lab/alpaca'" in out.stdout, out.stdout + out.stderr
     assert "Fix:" in out.stdout
+
+
+# ------------------------------------------------------------------------------------- empty outputs
+def test_empty_outputs_keep_trains_on_eos_alone(tmp_path, tokenizer):
+    """An empty output is kept by default (Stanford Alpaca's train.py and QLoRA do the same): its target is EOS
+    alone; the counts are recorded in DataInfo."""
+    recs = [{"instruction": "Say hi.", "output": "hi"},
+            {"instruction": "Standardize the date.", "input": "July 26th, 2021", "output": ""},
+            {"instruction": "Say nothing.", "output": "  \n"}]
+    p = _write(tmp_path / "e.json", recs)
+    train, _, info = prepare_data("local", p)
+    assert [r["output"] for r in train] == ["hi", "", "  \n"]  # the records as written, none altered
+    assert (info["empty_outputs"], info["n_empty_output_total"], info["n_empty_output"]) == ("keep", 2, 2)
+    ex = tokenize_records(tokenizer, train)[1]
+    target = [t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE_INDEX]
+    assert target == [tokenizer.eos_token_id]
+    # a subsample counts the empty outputs it actually trains on
+    train, held, info = prepare_data("local", p, n=1, holdout=1, seed=3)
+    assert info["n_empty_output_total"] == 2
+    assert info["n_empty_output"] == sum(not r["output"].strip() for r in train)
+
+
+def test_empty_outputs_drop(tmp_path):
+    recs = [{"instruction": "a", "output": "x"}, {"instruction": "b", "output": ""},
+            {"instruction": "c", "output": "z"}]
+    p = _write(tmp_path / "e.json", recs)
+    train, _, info = prepare_data("local", p, empty_outputs="drop")
+    assert [r["instruction"] for r in train] == ["a", "c"]
+    assert (info["n_total"], info["n_empty_output_total"], info["n_empty_output"]) == (2, 1, 0)
+    with pytest.raises(DataError, match=r"empty_outputs='dorp' is not allowed.*Did you mean \"drop\".*Fix"):
+        prepare_data("local", p, empty_outputs="dorp")
+    with pytest.raises(DataError, match="every record has an empty output"):
+        prepare_data("local", _write(tmp_path / "f.json", [{"instruction": "a", "output": ""}]),
+                     empty_outputs="drop")
+
+
+def test_alpaca_mirror_loads_with_its_49_empty_outputs():
+    path = _shared("alpaca/alpaca_data.json")
+    train, _, info = prepare_data("alpaca", path, n=2000, seed=0)
+    assert info["n_total"] == 52002 and info["n_empty_output_total"] == 49 and len(train) == 2000
+    assert info["n_empty_output"] == sum(not r["output"].strip() for r in train)
+    _, _, dropped = prepare_data("alpaca", path, n=2000, seed=0, empty_outputs="drop")
+    assert dropped["n_total"] == 52002 - 49 and dropped["n_empty_output"] == 0

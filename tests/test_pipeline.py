@@ -130,6 +130,13 @@ def test_finetune_resume_through_pipeline(tmp_path):
      r"unknown key 'eval.requant.0.groupsize'. Did you mean \"group_size\""),
     ({"method": {"name": "qlora"}, "eval": {"requant": []}}, r"eval.requant=\[\]: \[\] should be non-empty"),
     ({"method": {"name": "qlora"}, "eval": {"requant": "gptq"}}, r"eval.requant='gptq' is neither a setting nor a list"),
+    ({"method": {"name": "qlora"}, "eval": {"tasks": ["qft_synthetic"], "limit": {"qft_synthetc": 3}}},
+     r"eval.limit names task 'qft_synthetc', which is not in eval.tasks \(qft_synthetic\).*Did you mean.*"
+     r"Fix: add 'qft_synthetc' to eval.tasks or remove eval.limit.qft_synthetc"),
+    ({"method": {"name": "qlora"}, "eval": {"tasks": ["qft_synthetic"], "num_fewshot": {"qft_mmlu": 5}}},
+     r"eval.num_fewshot names task 'qft_mmlu', which is not in eval.tasks"),
+    ({"method": {"name": "qlora"}, "data": {"empty_outputs": "skip"}},
+     r"data.empty_outputs='skip' is not allowed; choose one of \['keep', 'drop'\]"),
 ])
 def test_bad_run_configs(raw, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -143,6 +150,31 @@ def test_run_id_is_stable_and_config_sensitive(tmp_path):
     d = tiny_cfg(tmp_path, {"name": "qalora", "rank": 4}, eval={"limit": 3})  # evaluation does not change the run
     assert C.run_id(a) == C.run_id(b) == C.run_id(d) != C.run_id(c)
     assert C.run_id(a).startswith("tiny-llama-qalora-r4-4b-g32-synthetic-s0-")
+
+
+def test_run_ids_of_existing_configs_unchanged_by_empty_outputs(tmp_path):
+    """data.empty_outputs was added later: its default (the behaviour earlier runs had) leaves run ids as they
+    were; 'drop' trains on other records and gets its own id."""
+    a = tiny_cfg(tmp_path, {"name": "qalora", "rank": 4})
+    assert C.run_id(a) == "tiny-llama-qalora-r4-4b-g32-synthetic-s0-97ade1b9"  # as before the setting existed
+    assert C.run_id(tiny_cfg(tmp_path, {"name": "qalora", "rank": 4}, data={"empty_outputs": "drop"})) != C.run_id(a)
+
+
+def test_each_eval_job_applies_its_own_tasks_limits(tmp_path):
+    """Per-task limits over several task groups (one job per few-shot setting): every group runs, each with the
+    limit of its own task (this failed before: each job rejected the limits of the other jobs' tasks)."""
+    cfg = tiny_cfg(tmp_path, {"name": "qalora", "rank": 4},
+                   eval={"tasks": ["qft_synthetic", "qft_synthetic_letter"],
+                         "num_fewshot": {"qft_synthetic": 0, "qft_synthetic_letter": 1},
+                         "limit": {"qft_synthetic": 3, "qft_synthetic_letter": 5}})
+    assert P.eval_groups(cfg) == [(["qft_synthetic"], 0), (["qft_synthetic_letter"], 1)]
+    assert C.limit_for(cfg, ["qft_synthetic"]) == {"qft_synthetic": 3}
+    assert C.limit_for(cfg, ["qft_mmlu"]) is None
+    rd = P.run_all(cfg)
+    zero = json.loads((rd / "eval" / "int-merge" / "qft_synthetic.json").read_text())
+    one = json.loads((rd / "eval" / "int-merge" / "qft_synthetic_letter-1shot.json").read_text())
+    assert zero["tasks"]["qft_synthetic"]["n"] == 3 and zero["provenance"]["limit"] == {"qft_synthetic": 3}
+    assert one["tasks"]["qft_synthetic_letter"]["n"] == 5 and one["num_fewshot"] == 1
 
 
 @pytest.mark.parametrize("content,name,msg", [

@@ -4,6 +4,7 @@ Every snakemake call is bounded with ``timeout -k`` (Snakemake ignores SIGTERM w
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -16,7 +17,7 @@ import pytest
 
 from methods.errors import ConfigError
 from qftbench import sweep as S
-from tests.conftest import REPO
+from tests.conftest import REPO, shared_data_root
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -45,6 +46,8 @@ EXPECTED = {
     # 4 runs x 3 evaluation groups (MMLU 0-shot, MMLU 5-shot, commonsense); bases: 16-bit, NF4, INT4 g32 (qalora
     # and qahira share it)
     "local": {"quantize_base": 3, "finetune": 4, "evaluate": 12, "report": 1, "all": 1, "total": 21},
+    # 2 runs (the un-tuned INT4 g32 base and qalora share one base) x 3 evaluation groups
+    "tiny-real": {"quantize_base": 1, "finetune": 2, "evaluate": 6, "report": 1, "all": 1, "total": 11},
     # 206 configurations x 3 seeds = 618 runs (test_paper_grid_size); 3 evaluation groups each, qlora in four
     # deployment modes (4+16, requant-w4g32/w3g32/w2g32): (618 - 36) x 3 + 36 x 4 x 3 = 2178
     "paper": {"finetune": 618, "evaluate": 2178, "report": 1, "all": 1},
@@ -110,6 +113,57 @@ def test_tiny_dag_runs_end_to_end_and_second_run_does_nothing(tmp_path):
         assert {"train.json", "accounting.json", "provenance.json", "config.yaml", "eval"} <= {p.name for p in rd.iterdir()}
     again = snakemake(["-n", "--cores", "2", "--configfile", cfg], cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_real_task_dag_evaluates_mmlu_and_commonsense_end_to_end(tmp_path):
+    """config/tiny-real.yaml through Snakemake: Alpaca (with its 49 empty outputs) from the data root, MMLU 0- and
+    5-shot and the seven commonsense tasks from the offline mirrors, per-task limits over three evaluation jobs
+    per run; the MMLU and commonsense tables hold every expected cell."""
+    import pandas as pd
+    import yaml
+
+    root = shared_data_root()
+    if root is None or not (root / "alpaca" / "alpaca_data.json").is_file():
+        pytest.skip(f"the offline data mirrors are absent ({REPO.parent / 'shared' / 'data'}; set QFTBENCH_DATA_ROOT)")
+    sweep = yaml.safe_load((REPO / "config" / "tiny-real.yaml").read_text())
+    sweep["data"]["alpaca"]["path"] = str(root / "alpaca" / "alpaca_data.json")
+    sweep["run"]["eval"]["data_root"] = str(root)
+    cfg = tmp_path / "tiny-real.yaml"
+    cfg.write_text(yaml.safe_dump(sweep))
+    snakemake(["--cores", "2", "--configfile", str(cfg)], cwd=tmp_path)
+
+    runs = {p.name.split("-")[2]: p for p in (tmp_path / "results" / "runs").iterdir()}  # tiny-llama-<method>-...
+    assert set(runs) == {"base", "qalora"}
+    cs = ["qft_hellaswag", "qft_piqa", "qft_winogrande", "qft_arc_easy", "qft_arc_challenge", "qft_boolq",
+          "qft_openbookqa"]
+    for method, mode in (("base", "base"), ("qalora", "int-merge")):
+        ev = runs[method] / "eval" / mode
+        assert sorted(p.name for p in ev.iterdir()) == sorted(
+            ["qft_mmlu.json", "qft_mmlu-5shot.json", "+".join(cs) + ".json"])
+        for shots, name in ((0, "qft_mmlu.json"), (5, "qft_mmlu-5shot.json")):
+            mmlu = json.loads((ev / name).read_text())["mmlu"]["qft_mmlu"]
+            assert mmlu["n"] == 57 and mmlu["n_subjects"] == 57 and mmlu["num_fewshot"] == shots  # 1 per subject
+            assert set(mmlu["categories"]) == {"stem", "other", "social_sciences", "humanities"}
+        common = json.loads((ev / ("+".join(cs) + ".json")).read_text())
+        assert {t: common["tasks"][t]["n"] for t in cs} == {t: 4 for t in cs}
+        assert common["provenance"]["limit"] == {t: 4 for t in cs}  # its own tasks' limits, no others
+    data = json.loads((runs["qalora"] / "provenance.json").read_text())["data"]
+    assert (data["n_total"], data["n_empty_output_total"], data["n"]) == (52002, 49, 64)
+
+    tables = tmp_path / "results" / "tables" / "tiny-real"
+    mmlu = pd.read_csv(tables / "mmlu.csv")
+    assert sorted(mmlu["method"]) == ["base", "qalora"]
+    for shots in (0, 5):
+        for cat in ("Hums.", "STEM", "Social", "Other", "Avg."):
+            col = f"{shots}-shot {cat}"
+            assert col in mmlu.columns and mmlu[col].notna().all(), (col, list(mmlu.columns))
+    common = pd.read_csv(tables / "commonsense.csv")
+    assert sorted(common["method"]) == ["base", "qalora"]
+    for task in ("HellaSwag", "PIQA", "WinoGrande", "ARC-e", "ARC-c", "BoolQ", "OBQA"):
+        assert any(c.startswith(task) for c in common.columns), (task, list(common.columns))
+    assert common.drop(columns=[c for c in common.columns if not any(
+        c.startswith(t) for t in ("HellaSwag", "PIQA", "WinoGrande", "ARC-e", "ARC-c", "BoolQ", "OBQA"))]).notna().all().all()
 
 
 @pytest.mark.slow
