@@ -40,9 +40,18 @@ saving (the test suite checks both against ``FlopCounterMode``).
 
 Bits per parameter of the *deployed* model (``bits_per_param``: the whole model; ``bits_per_param_target``: the
 target layers only), over the base parameters (an adapter kept beside the base is reported separately):
-target layers at ``method.scheme().stored_bits_per_param(d_out, d_in)``, or 16 for a 16-bit base or an fp16 merge
-(``deploy == "fp16-merge"``); everything else (embeddings, LM head, norms, non-target projections) at 16.
-A ``"4+16"`` deployment also ships the adapter at 16 bits: ``adapter_bits`` and ``deployed_bytes`` include it.
+target layers at ``method.scheme().stored_bits_per_param(d_out, d_in)`` (format ``"deployed"``), or 16 for a
+16-bit base or an fp16 merge (``deploy == "fp16-merge"``); everything else (embeddings, LM head, norms,
+non-target projections) at 16. A ``"4+16"`` deployment also ships the adapter at 16 bits: ``adapter_bits`` and
+``deployed_bytes`` include it. ``bits_per_param_format`` is ``"deployed"``.
+
+The deployed format (table in :mod:`methods.quant.scheme`): INTk with an fp16 scale and an fp16 float zero per
+group of g weights, ``k + 32/g`` (int4 g32: 5.0, int4 g128: 4.25, int3 g32: 4.0; 8x4 tiles: ``k + 1``); NF4 with
+double quantization as bitsandbytes stores it, ``4 + 8/64 + 32/(64·256)`` ≈ 4.127. Two more formats, same
+layout of fields: ``bits_per_param_working`` / ``bits_per_param_target_working``, the suite's in-memory fp32
+working copies (float32 scales and zeros: int4 g32 is 6.0 there); ``bits_per_param_gptq`` /
+``bits_per_param_target_gptq``, the packed-integer-zero GPTQ checkpoint that ``export_gptq_checkpoint`` writes
+(``k + (16 + k)/g``: int4 g32 4.625), only for an INT row-group base that is deployed quantized (else None).
 """
 from __future__ import annotations
 
@@ -56,11 +65,13 @@ from methods.errors import ConfigError, ShapeError, did_you_mean
 
 __all__ = [
     "DEFAULT_SEQ_LEN", "FP16_BITS", "known_models", "load_config", "linear_shapes", "base_params",
-    "target_shapes", "base_flops_per_token", "account",
+    "target_shapes", "base_flops_per_token", "account", "BITS_FORMAT", "bits_from_record",
 ]
 
 DEFAULT_SEQ_LEN = 512
 FP16_BITS = 16
+#: the storage format ``bits_per_param`` / ``bits_per_param_target`` count (``bits_per_param_format``)
+BITS_FORMAT = "deployed"
 _CONFIG_PACKAGE_DIR = "model_configs"
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
@@ -212,8 +223,9 @@ def account(model: Any, method: Any, *, seq_len: int = DEFAULT_SEQ_LEN, **hp: An
     ``deploy``, ``seq_len``, ``base_params``, ``target_params`` (weights of the target layers),
     ``n_target_layers``, ``trainable_params``, ``trainable_percent``, ``adapter_flops_per_token``,
     ``forward_flops_per_token``, ``train_flops_per_token``, ``flops`` (the breakdown), ``bits_per_param``
-    (whole deployed model), ``bits_per_param_target`` (target layers only), ``adapter_bits`` and
-    ``deployed_bytes``. Formulas: module docstring."""
+    (whole deployed model), ``bits_per_param_target`` (target layers only), ``bits_per_param_format``
+    (``"deployed"``), the same two in the ``_working`` (fp32 working copies) and ``_gptq`` (GPTQ export, or None)
+    formats, ``adapter_bits`` and ``deployed_bytes``. Formulas: module docstring."""
     import methods
 
     if isinstance(method, str):
@@ -243,9 +255,19 @@ def account(model: Any, method: Any, *, seq_len: int = DEFAULT_SEQ_LEN, **hp: An
     n_base = base_params(cfg)
     n_target = sum(o * i for _, o, i in targets)
     fp16_deploy = scheme is None or method.deploy == "fp16-merge"
-    target_bits = sum((FP16_BITS if fp16_deploy else scheme.stored_bits_per_param(o, i)) * o * i
-                      for _, o, i in targets)
-    model_bits = target_bits + FP16_BITS * (n_base - n_target)
+
+    def bits(fmt: str) -> tuple[float, float] | tuple[None, None]:
+        """(whole model, target layers) bits per parameter in the storage format ``fmt``."""
+        if not fp16_deploy and fmt not in scheme.bit_formats():
+            return None, None
+        t = sum((FP16_BITS if fp16_deploy else scheme.stored_bits_per_param(o, i, format=fmt)) * o * i
+                for _, o, i in targets)
+        return (t + FP16_BITS * (n_base - n_target)) / n_base, t / n_target
+
+    bpp, bpp_target = bits(BITS_FORMAT)
+    bpp_working, bpp_target_working = bits("working")
+    bpp_gptq, bpp_target_gptq = bits("gptq") if not fp16_deploy else (None, None)
+    model_bits = bpp * n_base
     adapter_bits = FP16_BITS * trainable if method.deploy == "4+16" else 0
     return {
         "model": name,
@@ -269,9 +291,40 @@ def account(model: Any, method: Any, *, seq_len: int = DEFAULT_SEQ_LEN, **hp: An
             "formula": "train = 2*(base_linear + lm_head) + 3*attention + 3*adapter + base_weight_grad; "
                        f"attention = 4*seq_len*n_heads*head_dim*n_layers at seq_len={seq_len}",
         },
-        "bits_per_param": model_bits / n_base,
-        "bits_per_param_target": target_bits / n_target,
+        "bits_per_param": bpp,
+        "bits_per_param_target": bpp_target,
+        "bits_per_param_format": BITS_FORMAT,
+        "bits_per_param_working": bpp_working,
+        "bits_per_param_target_working": bpp_target_working,
+        "bits_per_param_gptq": bpp_gptq,
+        "bits_per_param_target_gptq": bpp_target_gptq,
         "adapter_bits": adapter_bits,
         "deployed_bytes": (model_bits + adapter_bits) / 8,
         "dims": d,
     }
+
+
+_BITS_KEYS = ("bits_per_param", "bits_per_param_target", "bits_per_param_format", "bits_per_param_working",
+              "bits_per_param_target_working", "bits_per_param_gptq", "bits_per_param_target_gptq",
+              "deployed_bytes")
+
+
+def bits_from_record(acc: dict[str, Any]) -> dict[str, Any]:
+    """The bits fields (``bits_per_param*``, ``deployed_bytes``) of a stored accounting record, in the current
+    formats: taken as they are when the record has ``bits_per_param_format == "deployed"``, else (a record
+    written before the formats were separated, whose ``bits_per_param`` counted the fp32 working copies)
+    recomputed by :func:`account` from the record's ``dims``, ``method``, ``describe.hyperparameters`` and
+    ``seq_len``. Raises ConfigError when an old record lacks what that needs."""
+    if acc.get("bits_per_param_format") == BITS_FORMAT:
+        return {k: acc.get(k) for k in _BITS_KEYS}
+    d, desc = acc.get("dims"), acc.get("describe")
+    if not isinstance(d, dict) or not isinstance(desc, dict) or not acc.get("method"):
+        raise ConfigError("accounting record without bits_per_param_format, dims or describe: re-run the "
+                          "accounting (qftbench account / the finetune step) to get deployed bits per parameter.")
+    cfg = {"hidden_size": d["hidden"], "intermediate_size": d["inter"], "num_hidden_layers": d["layers"],
+           "num_attention_heads": d["heads"], "num_key_value_heads": d["kv_heads"], "head_dim": d["head_dim"],
+           "vocab_size": d["vocab"], "tie_word_embeddings": d["tied"], "attention_bias": d["attn_bias"],
+           "mlp_bias": d["mlp_bias"]}
+    fresh = account(cfg, acc["method"], seq_len=acc.get("seq_len", DEFAULT_SEQ_LEN),
+                    **(desc.get("hyperparameters") or {}))
+    return {k: fresh[k] for k in _BITS_KEYS}

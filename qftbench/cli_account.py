@@ -68,8 +68,10 @@ def format_text(r: dict) -> str:
         f"forward {r['forward_flops_per_token'] / 1e9:,.3f}G, "
         f"train {r['train_flops_per_token'] / 1e9:,.3f}G (seq_len {r['seq_len']})",
         f"           {f['formula']}",
-        f"bits/param {r['bits_per_param']:.3f} whole model, {r['bits_per_param_target']:.3f} target layers; "
-        f"deployed {r['deployed_bytes'] / 2**30:,.2f} GiB" + (" (adapter included)" if r["adapter_bits"] else ""),
+        f"bits/param {r['bits_per_param']:.3f} whole model, {r['bits_per_param_target']:.3f} target layers "
+        f"(deployed format; fp32 working copy {r['bits_per_param_target_working']:.3f}"
+        + (f", GPTQ export {r['bits_per_param_target_gptq']:.3f}" if r.get("bits_per_param_target_gptq") else "")
+        + f"); deployed {r['deployed_bytes'] / 2**30:,.2f} GiB" + (" (adapter included)" if r["adapter_bits"] else ""),
     ]
     return "\n".join(lines)
 

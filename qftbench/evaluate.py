@@ -421,7 +421,40 @@ def summarize(results: Mapping, loaded: Mapping[str, tuple[Any, list]] | None = 
                            if k in ("limit", "bootstrap_iters", "random_seed", "numpy_seed",
                                     "torch_seed", "fewshot_seed", "batch_size")},
     }
-    return {"tasks": per_task, "mmlu": mmlu, "commonsense": commonsense, "provenance": provenance}
+    return {"tasks": per_task, "mmlu": mmlu, "commonsense": commonsense, "items": items_of(samples),
+            "provenance": provenance}
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))  # first maximum, as numpy's argmax
+
+
+def items_of(samples: Mapping[str, list[dict]]) -> dict[str, dict[str, list]]:
+    """Per-item results of every leaf task, columnar and sorted by ``doc_id``: ``doc_id``, ``doc_hash`` (lm-eval's
+    hash of the document, so that two evaluations can be checked to score the same items), ``target``, ``pred``
+    (the choice with the highest log-likelihood; ``pred_norm`` by length-normalised log-likelihood where the task
+    reports ``acc_norm``), ``acc`` and ``acc_norm`` (0/1). Paired statistics between runs need exactly this."""
+    out: dict[str, dict[str, list]] = {}
+    for task, rows in samples.items():
+        if not rows:
+            continue
+        rows = sorted(rows, key=lambda r: r["doc_id"])
+        cols: dict[str, list] = {"doc_id": [int(r["doc_id"]) for r in rows],
+                                 "doc_hash": [r.get("doc_hash") for r in rows],
+                                 "target": [r.get("target") for r in rows]}
+        lls = []
+        for r in rows:
+            resps = r.get("filtered_resps") or []
+            try:
+                lls.append([float(x[0] if isinstance(x, (list, tuple)) else x) for x in resps])
+            except (TypeError, ValueError):  # not a log-likelihood task (e.g. generation): no prediction index
+                lls.append(None)
+        cols["pred"] = [_argmax(v) if v else None for v in lls]
+        for metric in ("acc", "acc_norm"):
+            if all(metric in r for r in rows):
+                cols[metric] = [float(r[metric]) for r in rows]
+        out[task] = cols
+    return out
 
 
 def _version(pkg: str) -> str | None:
@@ -433,4 +466,4 @@ def _version(pkg: str) -> str | None:
         return None
 
 
-__all__ = ["UnknownTaskError", "builtin_task_manager", "evaluate", "resolve_tasks", "summarize"]
+__all__ = ["UnknownTaskError", "builtin_task_manager", "evaluate", "items_of", "resolve_tasks", "summarize"]

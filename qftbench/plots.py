@@ -6,7 +6,8 @@
 Accuracy figures use the sweep's main number (:func:`main_metric`): MMLU 5-shot question-weighted average if
 present, else the plain mean of the seven commonsense tasks, else accuracy on qft_synthetic; every method in its
 own deployment mode (QLoRA 4-bit base + 16-bit adapter, QA-LoRA merged INT4, LoRA fp16 merge, ...). Points are
-means over seeds with ± 1 std error bars (sample std; none for a single seed).
+means over seeds with their 95% interval over items and seeds as error bars (:mod:`qftbench.stats`); runs that
+stored no per-item records get ± 1 std over seeds (none for a single seed).
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ METHOD_STYLE = {  # method -> (color, marker)
 METHOD_LABEL = {"base": "base (un-tuned)", "lora": "LoRA (16-bit)", "qlora": "QLoRA", "loftq": "LoftQ",
                 "qbara": "Q-BaRA", "qalora": "QA-LoRA", "qahira": "QA-HiRA", "qahira-ref": "QA-HiRA (ref)",
                 "peqa": "PEQA"}
+
+
+_BARS = "95% interval over items and seeds (± 1 std over seeds for runs without per-item records)"
 
 
 def _style(method: str):
@@ -62,17 +66,22 @@ def _main_metric(df: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
 
 
 def _per_config(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean/std of the accuracy and mean accounting per configuration."""
+    """Mean, std and the 95% interval over items and seeds (:func:`qftbench.report.aggregate`) of the accuracy,
+    and the mean accounting, per configuration. ``err_lo``/``err_hi``: the error bar below/above the mean (the
+    interval where the runs stored per-item records, else ± 1 std over seeds, else none)."""
     keys = ["model", "data", "method", "mode", "deploy_bits", "deploy_group_size", "rank", "alpha", "config_id"]
     r = rows.copy()
     r[keys] = r[keys].astype(object).where(r[keys].notna(), "")
+    agg = R.aggregate(r, keys=keys + ["task", "shots", "category", "metric"])
+    out = agg.groupby(keys, sort=True)[["mean", "std", "ci_lo", "ci_hi", "n_seeds"]].first()
     g = r.groupby(keys, sort=True)
-    out = g["value"].agg(["mean", "std"])
-    out["n_seeds"] = g["seed"].nunique()
-    out.loc[out["n_seeds"] < 2, "std"] = np.nan
     for c in ("trainable_params", "train_flops_total"):
         out[c] = g[c].agg(lambda s: s.astype("float64").mean())
-    return out.reset_index()
+    out = out.reset_index()
+    has_ci = out["ci_lo"].notna() & out["ci_hi"].notna()
+    out["err_lo"] = np.where(has_ci, out["mean"] - out["ci_lo"], out["std"])
+    out["err_hi"] = np.where(has_ci, out["ci_hi"] - out["mean"], out["std"])
+    return out
 
 
 def _series_label(row, multi_bits: bool) -> str:
@@ -123,8 +132,8 @@ def _flat_refs(ax, sub: pd.DataFrame, skip) -> None:
         ax.axhline(r.mean, color=color, ls="--" if r.method == "base" else ":", lw=1.2,
                    label=(f"base (un-tuned, {r.deploy_bits}-bit)" if r.method == "base"
                           else METHOD_LABEL.get(r.method, r.method)))
-        if not pd.isna(r.std):
-            ax.axhspan(r.mean - r.std, r.mean + r.std, color=color, alpha=0.08)
+        if not pd.isna(r.err_lo):
+            ax.axhspan(r.mean - r.err_lo, r.mean + r.err_hi, color=color, alpha=0.08)
 
 
 def _scatter_figure(conf: pd.DataFrame, desc: str, short: str, x: str, xlabel: str, title: str, out_dir: Path, name: str):
@@ -138,7 +147,8 @@ def _scatter_figure(conf: pd.DataFrame, desc: str, short: str, x: str, xlabel: s
         for r, xv in zip(sub[has_x].itertuples(index=False), xs[has_x]):
             color, marker = _style(r.method)
             lab = _series_label(r, multi_bits)
-            ax.errorbar(xv, r.mean, yerr=None if pd.isna(r.std) else r.std, fmt=marker, color=color, ms=7,
+            ax.errorbar(xv, r.mean, yerr=None if pd.isna(r.err_lo) else [[r.err_lo], [r.err_hi]], fmt=marker,
+                        color=color, ms=7,
                         capsize=3, label=None if lab in seen else lab)
             seen.add(lab)
             if str(r.rank) not in ("", "<NA>"):
@@ -152,7 +162,7 @@ def _scatter_figure(conf: pd.DataFrame, desc: str, short: str, x: str, xlabel: s
         ax.set_title(f"model: {model}, fine-tuned on: {data}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle(f"{title}\n{desc}\neach method in its own deployment mode; mean ± std over seeds", fontsize=11)
+    fig.suptitle(f"{title}\n{desc}\neach method in its own deployment mode; mean over seeds, bars: {_BARS}", fontsize=11)
     return _save(fig, out_dir, name)
 
 
@@ -168,7 +178,8 @@ def _rank_figure(conf: pd.DataFrame, desc: str, short: str, out_dir: Path):
         for lab, line in s.groupby("series", sort=False):
             line = line.sort_values("rank_f")
             color, marker = _style(line["method"].iloc[0])
-            ax.errorbar(line["rank_f"], line["mean"], yerr=line["std"].fillna(0).where(line["std"].notna()),
+            err = None if line["err_lo"].isna().all() else [line["err_lo"].fillna(0), line["err_hi"].fillna(0)]
+            ax.errorbar(line["rank_f"], line["mean"], yerr=err,
                         fmt=f"-{marker}", color=color, capsize=3, ms=6, label=lab)
         _flat_refs(ax, sub, ~ranked)
         ranks = sorted(s["rank_f"].unique())
@@ -182,7 +193,7 @@ def _rank_figure(conf: pd.DataFrame, desc: str, short: str, out_dir: Path):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     fig.suptitle(f"Accuracy vs adapter rank\n{desc}\neach method in its own deployment mode; "
-                 f"mean ± std over seeds", fontsize=11)
+                 f"mean over seeds, bars: {_BARS}", fontsize=11)
     return _save(fig, out_dir, "acc_vs_rank")
 
 

@@ -38,12 +38,47 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+#: the CPU features that change which kernels torch (oneDNN / its own vectorised code) picks, and so the low
+#: bits of bf16 (and some fp32) results: with AMX or AVX512-BF16, bf16 matmuls take other code paths.
+CPU_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "asimd", "sve", "bf16")
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, the kernel-relevant features it has, and the capability torch dispatches to."""
+    import torch
+
+    out: dict[str, Any] = {"machine": platform.machine()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "cpu model") and "model" not in out:
+            out["model"] = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = set(value.split())
+    out["features"] = [f for f in CPU_FEATURES if f in flags]
+    try:
+        out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - older torch
+        out["torch_cpu_capability"] = None
+    try:
+        out["mkldnn_bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # pragma: no cover
+        out["mkldnn_bf16"] = None
+    return out
+
+
 def hardware() -> dict[str, Any]:
     import torch
 
     hw = {"host": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-          "cuda": torch.cuda.is_available()}
+          "cuda": torch.cuda.is_available(), "cpu": cpu_info()}
     if torch.cuda.is_available():
         hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         hw["cuda_version"] = torch.version.cuda

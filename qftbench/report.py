@@ -15,6 +15,7 @@ Only finished runs (``train.json`` present) are read.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -201,6 +202,20 @@ def _eval_rows(res: Mapping, mode: str) -> list[dict]:
     return rows
 
 
+def _deployed_bits(acc: dict) -> float | None:
+    """Bits per parameter of the deployed model (fp16 scales and zeros for INT, bitsandbytes' storage for NF4;
+    :mod:`qftbench.accounting`). Records written before the formats were separated counted the fp32 working
+    copies; their bits are recomputed (:func:`~qftbench.accounting.bits_from_record`), or left empty."""
+    from .accounting import bits_from_record
+
+    if not acc or acc.get("bits_per_param") is None:
+        return None
+    try:
+        return bits_from_record(acc)["bits_per_param"]
+    except (ValueError, KeyError, TypeError):  # an unreadable old record (ConfigError is a ValueError): an empty
+        return None                             # cell, never a working-copy number under the deployed label
+
+
 def _run_info(rd: Path) -> dict | None:
     cfg = yaml.safe_load((rd / "config.yaml").read_text()) if (rd / "config.yaml").is_file() else None
     if not cfg:
@@ -223,7 +238,7 @@ def _run_info(rd: Path) -> dict | None:
         "adapter_flops_per_token": acc.get("adapter_flops_per_token"),
         "train_flops_per_token": acc.get("train_flops_per_token"),
         "train_flops_total": acc.get("train_flops_total"),
-        "bits_per_param": acc.get("bits_per_param"),
+        "bits_per_param": _deployed_bits(acc),
         "train_time_s": train.get("wall_time_s"),
         "peak_mem_mb": train.get("peak_mem_mb"),
         "tokens_per_s": train.get("tokens_per_s"),
@@ -290,17 +305,160 @@ def collect(results_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------ aggregate
-def aggregate(df: pd.DataFrame, value: str = "value", keys: Iterable[str] = GROUP_KEYS) -> pd.DataFrame:
-    """Mean, sample std and number of seeds of ``value`` per configuration (``keys``)."""
+def aggregate(df: pd.DataFrame, value: str = "value", keys: Iterable[str] = GROUP_KEYS,
+              intervals: bool = True) -> pd.DataFrame:
+    """Mean, sample std and number of seeds of ``value`` per configuration (``keys``), plus, for the accuracy
+    metrics (:data:`CI_METRICS`) whose runs stored per-item records, the 95% interval over items and seeds
+    (``ci_lo``, ``ci_hi``, percent; ``n_items``; see :mod:`qftbench.stats`). ``run_dirs``: the runs behind each
+    row."""
     keys = list(keys)
     if df.empty:
-        return pd.DataFrame(columns=keys + ["mean", "std", "n_seeds", "seeds"])
+        return pd.DataFrame(columns=keys + ["mean", "std", "n_seeds", "seeds", "run_dirs", "ci_lo", "ci_hi",
+                                            "n_items"])
     g = df.groupby(keys, dropna=False, sort=True)
     out = g[value].agg(["mean", "std"]).reset_index()
     out["n_seeds"] = g["seed"].nunique(dropna=False).to_numpy()
     out["seeds"] = g["seed"].agg(lambda s: ",".join(str(x) for x in sorted(s.dropna().unique()))).to_numpy()
     out.loc[out["n_seeds"] < 2, "std"] = math.nan
+    out["run_dirs"] = g["run_dir"].agg(lambda s: tuple(sorted(set(s)))).to_numpy() if "run_dir" in df else None
+    lo, hi, n = [], [], []
+    for r in out.itertuples(index=False):
+        iv = cell_interval(r) if intervals and "run_dir" in df and "task" in keys else None
+        lo.append(math.nan if iv is None else 100 * iv.lo)
+        hi.append(math.nan if iv is None else 100 * iv.hi)
+        n.append(pd.NA if iv is None else iv.n_items)
+    out["ci_lo"], out["ci_hi"] = pd.Series(lo, dtype="float64"), pd.Series(hi, dtype="float64")
+    out["n_items"] = pd.Series(n, dtype="Int64")
     return out
+
+
+# ------------------------------------------------------------------------------------------------ intervals
+#: the metrics whose cells carry an interval over items and seeds
+CI_METRICS = ("acc", "acc_micro", "acc_macro")
+
+
+@functools.lru_cache(maxsize=8192)
+def _file_items(path: str, mtime_ns: int) -> dict:
+    """``{(task, shots): {stratum: {"key": [...], "acc": [...], "acc_norm": [...]}}}`` of one eval file."""
+    from .evaluate import SUBJECT_TASK
+
+    res = _read_json(Path(path))
+    file_shots = res.get("num_fewshot") if isinstance(res.get("num_fewshot"), int) else 0
+    out: dict = {}
+    for leaf, cols in (res.get("items") or {}).items():
+        m = SUBJECT_TASK.match(leaf)
+        if m:
+            block = (res.get("mmlu") or {}).get(m["suite"]) or {}
+            task, stratum = norm_task(m["suite"]), m["subject"]
+            shots = block.get("num_fewshot") if isinstance(block.get("num_fewshot"), int) else file_shots
+        else:
+            r = (res.get("tasks") or {}).get(leaf) or {}
+            task = stratum = norm_task(leaf)
+            shots = r.get("num_fewshot") if isinstance(r.get("num_fewshot"), int) else file_shots
+        keys = cols.get("doc_hash") if all(cols.get("doc_hash") or [None]) else cols.get("doc_id")
+        out.setdefault((task, shots), {})[stratum] = {"key": list(keys), "acc": cols.get("acc"),
+                                                      "acc_norm": cols.get("acc_norm")}
+    return out
+
+
+def run_items(run_dir: str, mode: str) -> dict:
+    """Per-item records of every evaluation of one run in one mode (see :func:`_file_items`)."""
+    out: dict = {}
+    for p in sorted((Path(run_dir) / "eval" / mode).glob("*.json")):
+        for k, strata in _file_items(str(p), p.stat().st_mtime_ns).items():
+            out.setdefault(k, {}).update(strata)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _subject_category() -> dict[str, str]:
+    from .tasks import mmlu_subjects
+
+    return {s: MMLU_CATEGORIES.get(c, c) for s, c in mmlu_subjects().items()}
+
+
+def cell_strata(items: Mapping, task: str, shots, category: str, metric: str):
+    """``(strata, weights)`` of one table cell from a run's items: ``strata`` maps a stratum name to its records
+    (``key``, values of ``metric``'s item column); None when the records are missing.
+
+    A task: one stratum. MMLU: its subjects (of ``category``, all for ``avg``), weighted by their item counts
+    for ``acc_micro`` (question-weighted) and equally for ``acc_macro`` (subject-weighted). ``commonsense_avg``:
+    the seven tasks, equally weighted (their plain mean)."""
+    if metric not in CI_METRICS or pd.isna(shots):
+        return None
+    shots = int(shots)
+    if task == "mmlu" and metric in ("acc_micro", "acc_macro"):
+        subjects = (items.get(("mmlu", shots)) or {})
+        cat = _subject_category()
+        strata = {s: r for s, r in subjects.items() if category == "avg" or cat.get(s) == category}
+        weighted = metric == "acc_micro"
+    elif task == "commonsense_avg" and metric == "acc":
+        strata = {t: (items.get((t, shots)) or {}).get(t) for t in COMMONSENSE_TASKS}
+        weighted = False
+    elif metric == "acc" and task not in ("mmlu", "commonsense_avg"):
+        strata = {task: (items.get((task, shots)) or {}).get(task)}
+        weighted = False
+    else:
+        return None
+    if not strata or any(r is None or r.get("acc") is None for r in strata.values()):
+        return None
+    recs = {k: {"key": r["key"], "values": r["acc"]} for k, r in sorted(strata.items())}
+    weights = [len(r["key"]) for r in recs.values()] if weighted else [1.0] * len(recs)
+    return recs, weights
+
+
+def seed_matrices(per_seed: list[tuple]) -> dict | None:
+    """Align the strata of several seeds' runs item by item: ``{stratum: (keys, matrix)}`` with one
+    ``(seeds, items)`` matrix per stratum over the items every seed evaluated (in the first seed's order), plus
+    ``"_weighted"``: whether the strata are weighted by their item counts. None without item records."""
+    import numpy as np
+
+    if not per_seed or any(c is None for c in per_seed):
+        return None
+    names = list(per_seed[0][0])
+    if any(list(c[0]) != names for c in per_seed):
+        return None
+    out: dict = {"_weighted": per_seed[0][1] != [1.0] * len(names)}
+    for name in names:
+        recs = [c[0][name] for c in per_seed]
+        common = set(recs[0]["key"]).intersection(*(r["key"] for r in recs[1:]))
+        order = [k for k in recs[0]["key"] if k in common]
+        if not order:
+            return None
+        rows = []
+        for r in recs:
+            pos = {k: i for i, k in enumerate(r["key"])}
+            rows.append([r["values"][pos[k]] for k in order])
+        out[name] = (order, np.asarray(rows, dtype=np.float64))
+    return out
+
+
+def strata_args(aligned: dict, keep: Mapping[str, list] | None = None) -> tuple[list, list]:
+    """``(matrices, weights)`` for :mod:`qftbench.stats` from :func:`seed_matrices`' output, restricted to the
+    item keys ``keep[stratum]`` (in that order) when given."""
+    mats = []
+    for name, (keys, m) in ((k, v) for k, v in aligned.items() if k != "_weighted"):
+        if keep is not None:
+            pos = {k: i for i, k in enumerate(keys)}
+            m = m[:, [pos[k] for k in keep[name]]]
+        mats.append(m)
+    weights = [m.shape[1] for m in mats] if aligned["_weighted"] else [1.0] * len(mats)
+    return mats, weights
+
+
+def cell_interval(row):
+    """The interval of one aggregated row (a row of :func:`aggregate`, as a Series or an ``itertuples`` tuple)
+    over its runs' items and seeds, or None without item records."""
+    from . import stats
+
+    get = row.__getitem__ if isinstance(row, pd.Series) else (lambda k: getattr(row, k))
+    mode, task, shots, category, metric = (get(k) for k in ("mode", "task", "shots", "category", "metric"))
+    cells = [cell_strata(run_items(rd, mode), task, shots, category, metric) for rd in (get("run_dirs") or ())]
+    aligned = seed_matrices(cells)
+    if aligned is None:
+        return None
+    mats, weights = strata_args(aligned)
+    return stats.interval(mats, weights, key=(get("config_id"), mode, task, shots, category, metric))
 
 
 def fmt_pm(mean: float, std: float, digits: int = 1) -> str:
@@ -309,6 +467,14 @@ def fmt_pm(mean: float, std: float, digits: int = 1) -> str:
         return ""
     s = f"{mean:.{digits}f}"
     return s if std is None or pd.isna(std) else f"{s} ± {std:.{digits}f}"
+
+
+def fmt_ci(mean: float, lo: float, hi: float, std: float | None = None, digits: int = 1) -> str:
+    """``38.4 [35.1, 41.7]`` (mean over seeds and its 95% interval over items and seeds); without an interval
+    (runs that stored no per-item records) as :func:`fmt_pm`."""
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return fmt_pm(mean, std, digits)
+    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 ROW_KEYS = ["model", "method", "mode", "data", "deploy_bits", "deploy_group_size", "rank"]
@@ -322,7 +488,16 @@ def _wide(agg: pd.DataFrame, col_of, order: list[str], digits: int = 1) -> pd.Da
     agg = agg.copy()
     agg["col"] = [col_of(r) for r in agg.itertuples(index=False)]
     agg = agg[agg["col"].notna()]
-    agg["cell"] = [fmt_pm(m, s, digits) for m, s in zip(agg["mean"], agg["std"])]
+    agg["cell"] = [fmt_ci(m, lo, hi, s, digits) for m, lo, hi, s in zip(agg["mean"], agg["ci_lo"], agg["ci_hi"],
+                                                                         agg["std"])]
+    # n items in the column header when every row of that column has the same n, else in the cell
+    n_of = agg.groupby("col")["n_items"].agg(lambda x: sorted({int(v) for v in x.dropna()}))
+    rename = {c: f"{c} (n={ns[0]})" for c, ns in n_of.items() if len(ns) == 1}
+    for c, ns in n_of.items():
+        if len(ns) > 1:
+            mask = (agg["col"] == c) & agg["n_items"].notna()
+            agg.loc[mask, "cell"] = [f"{cell} n={int(n)}" for cell, n in zip(agg.loc[mask, "cell"],
+                                                                            agg.loc[mask, "n_items"])]
     rk = ROW_KEYS + ["config_id"]
     agg[rk] = agg[rk].astype(object).where(agg[rk].notna(), "")
     wide = agg.pivot_table(index=rk, columns="col", values="cell", aggfunc="first").reindex(
@@ -337,7 +512,7 @@ def _wide(agg: pd.DataFrame, col_of, order: list[str], digits: int = 1) -> pd.Da
         wide = wide.drop(columns="config_id")
     wide = _sort_rows(wide)
     wide.columns.name = None
-    return wide.rename(columns=ROW_LABELS)
+    return wide.rename(columns={**ROW_LABELS, **rename})
 
 
 METHOD_ORDER = ["base", "lora", "qlora", "loftq", "qbara", "qalora", "qahira", "qahira-ref", "peqa"]
@@ -388,10 +563,13 @@ def _synthetic_table(agg: pd.DataFrame) -> pd.DataFrame:
     return _wide(a, lambda r: f"{r.metric} (%)" if r.metric == "acc" else None, ["acc (%)"])
 
 
+#: ``bits/param (deployed)``: the whole deployed model in the format a user deploys (INT: fp16 scale + fp16
+#: float zero per group, k + 32/g; NF4 + double quantization: bitsandbytes' storage, 4.127 on target layers;
+#: everything else 16), not the suite's fp32 working copies (``bits_per_param_working`` in accounting.json)
 EFFICIENCY_LABELS = {
     "trainable_params": "trainable params", "adapter_flops_per_token": "adapter FLOPs/token",
     "train_flops_per_token": "train FLOPs/token", "train_flops_total": "total train FLOPs",
-    "bits_per_param": "bits/param", "train_time_s": "train time (s)", "peak_mem_mb": "peak mem (MB)",
+    "bits_per_param": "bits/param (deployed)", "train_time_s": "train time (s)", "peak_mem_mb": "peak mem (MB)",
     "tokens_per_s": "tokens/s",
 }
 
@@ -541,6 +719,101 @@ def paper_vs_reproduced(df: pd.DataFrame, paper_csv: str | os.PathLike | None = 
     return res.drop(columns=["_t", "_m", "_c"]).reset_index(drop=True)
 
 
+#: the comparisons the papers make (A, B, what they claim); every other method is also compared with 16-bit LoRA
+PAPER_PAIRS = [
+    ("qlora", "lora", "QLoRA: NF4 + double quantization fine-tuning matches 16-bit LoRA"),
+    ("qalora", "qlora", "QA-LoRA: matches QLoRA 4+16, beats QLoRA merged then GPTQ-quantized"),
+    ("loftq", "qlora", "LoftQ: its initialisation beats QLoRA's at low bits"),
+    ("qbara", "qlora", "Q-BaRA: at least as good as QLoRA at the same trainable parameters"),
+    ("qahira", "qalora", "QA-HiRA: at least as good as QA-LoRA, still merges exactly"),
+    ("qahira-ref", "qalora", "QA-HiRA (released code's reading) vs QA-LoRA"),
+    ("peqa", "qalora", "PEQA vs QA-LoRA (both merge exactly into the INT base)"),
+]
+#: the cells compared pairwise: (task, category, metric); MMLU question-weighted, every task's acc, their mean
+PAIRED_CELLS = [("mmlu", "avg", "acc_micro"), *((t, "", "acc") for t in COMMONSENSE_TASKS),
+                ("commonsense_avg", "", "acc"), ("synthetic", "", "acc")]
+
+
+def _pairs(methods: Iterable[str]) -> list[tuple[str, str, str]]:
+    present = set(methods)
+    out = [(a, b, claim) for a, b, claim in PAPER_PAIRS if a in present and b in present]
+    seen = {(a, b) for a, b, _ in out}
+    for a in sorted(present, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)):
+        if a not in ("lora", "base") and "lora" in present and (a, "lora") not in seen:
+            out.append((a, "lora", "vs 16-bit LoRA"))
+    return out
+
+
+def paired_table(agg: pd.DataFrame) -> pd.DataFrame:
+    """Method-vs-method differences on the same items (:func:`qftbench.stats.paired`), for the pairs of
+    :data:`PAPER_PAIRS` and every method vs 16-bit LoRA: A in its own deployment mode, B in each mode it was
+    evaluated in (so QA-LoRA meets both QLoRA 4+16 and "QLoRA w/ GPTQ"). Configurations pair by equal rank when
+    both methods ran that rank, else every combination. ``verdict``: ``A > B`` / ``A < B`` when the 95% interval
+    of the difference excludes 0, else ``inconclusive``."""
+    from . import stats
+
+    cols = ["model", "data", "task", "shots", "metric", "A", "B", "A acc", "B acc", "A - B", "95% CI", "p",
+            "n items", "seeds A/B", "verdict", "claim"]
+    if agg.empty or "run_dirs" not in agg:
+        return pd.DataFrame(columns=cols)
+    a = agg[[(t, c, m) in set(PAIRED_CELLS) for t, c, m in zip(agg["task"], agg["category"], agg["metric"])]]
+    a = a[a["run_dirs"].map(bool)]
+    deploy = {}
+    for r in a.itertuples(index=False):  # a method's own deployment mode: the one that is not requant/base
+        deploy.setdefault(r.method, set()).add(r.mode)
+
+    def own(method, mode):
+        modes = deploy.get(method, set())
+        native = [m for m in modes if mode_family(m) not in ("requant",)]
+        return mode in native if native else True
+
+    def label(r):
+        rank = "" if pd.isna(r.rank) or str(r.rank) in ("", "<NA>") else f" r{int(r.rank)}"
+        return f"{r.method}{rank} [{r.mode}]"
+
+    out = []
+    for (model, data, task, shots, metric), grp in a.groupby(["model", "data", "task", "shots", "metric"],
+                                                              dropna=False, sort=False):
+        grp = grp[grp["category"].isin(["avg", ""])]
+        for ma, mb, claim in _pairs(grp["method"].unique()):
+            rows_a = [r for r in grp[grp["method"] == ma].itertuples(index=False) if own(ma, r.mode)]
+            rows_b = list(grp[grp["method"] == mb].itertuples(index=False))
+            ranks_a = {r.rank for r in rows_a if not pd.isna(r.rank)}
+            ranks_b = {r.rank for r in rows_b if not pd.isna(r.rank)}
+            same_rank = bool(ranks_a & ranks_b)
+            for ra in rows_a:
+                for rb in rows_b:
+                    if same_rank and ra.rank != rb.rank:
+                        continue
+                    ca = seed_matrices([cell_strata(run_items(d, ra.mode), task, shots, ra.category, metric)
+                                        for d in ra.run_dirs])
+                    cb = seed_matrices([cell_strata(run_items(d, rb.mode), task, shots, rb.category, metric)
+                                        for d in rb.run_dirs])
+                    if ca is None or cb is None or set(ca) != set(cb):
+                        continue
+                    keep = {}  # the items both evaluated, by their keys
+                    for name in (k for k in ca if k != "_weighted"):
+                        in_b = set(cb[name][0])
+                        keep[name] = [k for k in ca[name][0] if k in in_b]
+                    if not all(keep.values()):
+                        continue
+                    mats_a, w = strata_args(ca, keep)
+                    mats_b, _ = strata_args(cb, keep)
+                    res = stats.paired(mats_a, mats_b, w, key=(ra.config_id, ra.mode, rb.config_id, rb.mode,
+                                                               task, shots, metric))
+                    verdict = ("A > B" if res.lo > 0 else "A < B") if res.distinguishable else "inconclusive"
+                    out.append({"model": model, "data": data, "task": task, "shots": shots, "metric": metric,
+                                "A": label(ra), "B": label(rb),
+                                "A acc": fmt_ci(ra.mean, ra.ci_lo, ra.ci_hi), "B acc": fmt_ci(rb.mean, rb.ci_lo,
+                                                                                              rb.ci_hi),
+                                "A - B": f"{100 * res.diff:+.1f}",
+                                "95% CI": f"[{100 * res.lo:+.1f}, {100 * res.hi:+.1f}]",
+                                "p": f"{res.p:.3g}", "n items": res.n_items,
+                                "seeds A/B": f"{res.n_seeds_a}/{res.n_seeds_b}", "verdict": verdict,
+                                "claim": claim})
+    return pd.DataFrame(out, columns=cols)
+
+
 def tables(df: pd.DataFrame, paper_csv: str | os.PathLike | None = None) -> dict[str, pd.DataFrame]:
     """The papers' tables from :func:`collect`'s frame.
 
@@ -559,6 +832,7 @@ def tables(df: pd.DataFrame, paper_csv: str | os.PathLike | None = None) -> dict
         "commonsense": _commonsense_table(agg),
         "synthetic": _synthetic_table(agg),
         "efficiency": _efficiency_table(df),
+        "paired": paired_table(agg),
     }
     if paper_csv is not False:
         out["paper_vs_reproduced"] = paper_vs_reproduced(df, paper_csv)

@@ -311,7 +311,7 @@ def expected_tables(sweep: dict, runs: dict[str, dict]) -> list[str]:
         out.append("commonsense")
     if "synthetic" in tasks:
         out.append("synthetic")
-    return out + ["efficiency", "paper_vs_reproduced"]
+    return out + ["efficiency", "paired", "paper_vs_reproduced"]
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}

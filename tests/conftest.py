@@ -35,3 +35,37 @@ def tiny_model():
 def shared_data_root() -> Path | None:
     root = Path(os.environ.get("QFTBENCH_DATA_ROOT", REPO.parent / "shared" / "data"))
     return root if root.is_dir() else None
+
+
+# ------------------------------------------------------------------- tests leave nothing in the repository
+def _repo_litter() -> set[str] | None:
+    """Untracked, not-ignored files in the repository, plus SLURM's default job logs at its top level
+    (ignored, but never meant to be there); None outside a git checkout."""
+    import subprocess
+
+    try:
+        p = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO,
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if p.returncode != 0:
+        return None
+    out = {line[3:] for line in p.stdout.splitlines() if line.startswith("?? ")}
+    return out | {p.name for p in REPO.glob("slurm-*.out")}
+
+
+def pytest_sessionstart(session):
+    session.config._qft_litter = _repo_litter()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run when the tests left new files in the repository (they must write under tmp_path)."""
+    before = getattr(session.config, "_qft_litter", None)
+    after = _repo_litter()
+    if before is None or after is None or hasattr(session.config, "workerinput"):
+        return
+    new = sorted(after - before)
+    if new:
+        print(f"\nERROR: the test run left {len(new)} new file(s) in the repository {REPO}: {new[:20]}. "
+              f"Tests must write under tmp_path (or ignore the file in .gitignore if it is a cache).")
+        session.exitstatus = 1

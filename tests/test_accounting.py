@@ -11,8 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import methods
 from methods.errors import ConfigError, ShapeError
-from qftbench.accounting import (account, base_flops_per_token, base_params, known_models, linear_shapes,
-                                 load_config)
+from qftbench.accounting import (account, base_flops_per_token, base_params, bits_from_record, known_models,
+                                 linear_shapes, load_config)
 
 PAPER_MODELS = {  # model -> (qlora/lora/qbara, qalora g=32, qahira/qahira-ref), METHODS.md, as printed
     "llama-7b": ("159.9M", "89.3M", "202.4M"),
@@ -194,19 +194,50 @@ def test_every_method_is_measured():
 # ------------------------------------------------------------------------------------------------ bits
 def test_bits_per_param():
     q = account("llama-7b", "qlora")
+    # the deployed format; NF4 + DQ as bitsandbytes stores it
     assert q["bits_per_param_target"] == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-3)  # ≈ 4.127
-    assert round(q["bits_per_param_target"], 3) == 4.127
+    assert round(q["bits_per_param_target"], 3) == 4.127 and q["bits_per_param_format"] == "deployed"
+    assert q["bits_per_param_target_working"] == q["bits_per_param_target"]  # bnb's storage is the working copy
+    assert q["bits_per_param_gptq"] is None and q["bits_per_param_target_gptq"] is None
     # non-target weights (embedding, LM head, norms: 262.4M) stay at 16 bits
     n, t = q["base_params"], q["target_params"]
     assert q["bits_per_param"] == pytest.approx((q["bits_per_param_target"] * t + 16 * (n - t)) / n)
     assert q["adapter_bits"] == 16 * q["trainable_params"]  # "4+16": the adapter ships beside the NF4 base
     lora = account("llama-7b", "lora")
     assert lora["bits_per_param"] == lora["bits_per_param_target"] == 16 and lora["adapter_bits"] == 0
+    assert lora["bits_per_param_target_working"] == 16 and lora["bits_per_param_target_gptq"] is None
     qa = account("llama-7b", "qalora", bits=4, group_size=32)
-    # int-merge: codes + float32 scale and zero per group of 32, the adapter is merged away
-    assert qa["bits_per_param_target"] == pytest.approx(4 + 64 / 32) and qa["adapter_bits"] == 0
+    # int-merge, deployed: 4-bit codes + fp16 scale + fp16 float zero per group of 32, the adapter merged away
+    assert qa["bits_per_param_target"] == 5.0 == 4 + 32 / 32 and qa["adapter_bits"] == 0
+    assert qa["bits_per_param"] == pytest.approx((5.0 * qa["target_params"] + 16 * (n - t)) / n)
+    # the suite's fp32 working copies (float32 scale and zero): 4 + 64/32
+    assert qa["bits_per_param_target_working"] == 6.0
+    # GPTQ's packed-integer-zero export: fp16 scale + 4-bit zero per group: 4 + 20/32
+    assert qa["bits_per_param_target_gptq"] == 4.625
+    assert qa["bits_per_param_gptq"] == pytest.approx((4.625 * t + 16 * (n - t)) / n)
+    assert account("llama-7b", "qalora", bits=4, group_size=128)["bits_per_param_target"] == 4.25
+    qa3 = account("llama-7b", "qalora", bits=3, group_size=32)
+    assert qa3["bits_per_param_target"] == 4.0 and qa3["bits_per_param_target_gptq"] == 3 + 19 / 32
     assert account("llama-7b", "qalora", bits=2)["bits_per_param_target"] < qa["bits_per_param_target"]
     assert qa["deployed_bytes"] == pytest.approx(qa["bits_per_param"] * qa["base_params"] / 8)
+    ref = account("llama-7b", "qahira-ref")  # 8x4 tiles: the g32 overhead; no GPTQ export of tiles
+    assert ref["bits_per_param_target"] == 5.0 and ref["bits_per_param_target_gptq"] is None
+
+
+def test_bits_from_old_records():
+    """A record written before the formats were separated (bits_per_param counted the fp32 working copies) is
+    recomputed in the current formats; a current record is taken as it is."""
+    qa = account("llama-7b", "qalora", bits=4, group_size=32)
+    assert bits_from_record(qa)["bits_per_param_target"] == 5.0
+    old = {k: v for k, v in json.loads(json.dumps(qa)).items()
+           if k not in ("bits_per_param_format", "bits_per_param_working", "bits_per_param_target_working",
+                        "bits_per_param_gptq", "bits_per_param_target_gptq")}
+    old.update(bits_per_param=qa["bits_per_param_working"], bits_per_param_target=6.0)
+    got = bits_from_record(old)
+    assert got["bits_per_param_target"] == 5.0 and got["bits_per_param"] == pytest.approx(qa["bits_per_param"])
+    assert got["bits_per_param_target_working"] == 6.0 and got["deployed_bytes"] == qa["deployed_bytes"]
+    with pytest.raises(ConfigError, match="re-run the accounting"):
+        bits_from_record({"bits_per_param": 6.0})
 
 
 def test_targets_subset_and_errors():

@@ -111,6 +111,14 @@ def test_synthetic_acc_is_argmax_of_loglikelihoods(model_and_tokenizer, syntheti
         assert s["arguments"][0][0] == _prompt(d, task)
         assert [r[0][0] for r in s["resps"]] == pytest.approx(ll, abs=1e-3)
 
+    # per-item records: the independent argmax per document, its correctness, in doc order
+    items = out["items"][task]
+    assert items["doc_id"] == list(range(len(docs)))
+    assert items["pred"] == [max(range(4), key=lambda k: ll[k]) for ll in lls]
+    assert items["target"] == [d["answer"] for d in docs]
+    assert items["acc"] == [float(c) for c in correct]
+    assert len(set(items["doc_hash"])) == len(docs) and all(items["doc_hash"])
+
     prov = out["provenance"]
     assert prov["lm_eval_version"].startswith("0.4")
     assert prov["n_samples"][task] == {"original": len(docs), "effective": len(docs)}
@@ -125,6 +133,7 @@ def test_synthetic_acc_is_argmax_of_loglikelihoods(model_and_tokenizer, syntheti
     assert limited["tasks"][task]["acc"] == pytest.approx(sum(correct[:5]) / 5, abs=1e-12)
     assert limited["provenance"]["n_samples"][task] == {"original": 16, "effective": 5}
     assert limited["provenance"]["prompts_sha256"][task] != prov["prompts_sha256"][task]
+    assert limited["items"][task]["doc_hash"] == items["doc_hash"][:5]  # the same items, pairable across runs
 
 
 def test_unknown_task_error_lists_sources_and_suggestions(tmp_path):

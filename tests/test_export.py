@@ -223,3 +223,142 @@ def test_transformers_gptq_loading_in_main_env(tmp_path):
     ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------ constant groups
+
+def _constant_group_layer(bits, d_out=64, d_in=128, g=32, seed=3, quantizer="rtn"):
+    """A weight whose groups (for every row) 0 and 2 are constant: group 0 all zeros (as GPTQ's zeroed dead
+    columns), group 2 all 0.37 (rows < 32) / -1.25 (rows >= 32); groups 1 and 3 random."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_out, d_in, generator=gen) * 0.05
+    w[:, 0:g] = 0.0
+    w[: d_out // 2, 2 * g:3 * g] = 0.37
+    w[d_out // 2:, 2 * g:3 * g] = -1.25
+    scheme = QuantScheme("int", bits, group_size=g)
+    if quantizer == "rtn":
+        ql = QuantLinear.from_linear(_linear_with(w), scheme)
+    else:
+        from methods.quant.gptq import gptq_quantize_weight
+
+        x = torch.randn(256, d_in, generator=gen)
+        x[:, 0:g] = 0.0  # dead inputs: GPTQ zeroes these columns
+        codes, s, z = gptq_quantize_weight(w, 2 / 256 * x.t() @ x, bits, (1, g))
+        ql = QuantLinear.from_quantized(codes, scheme, scales=s, zeros=z)
+    return w, ql
+
+
+def _linear_with(w):
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return lin
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_rtn_float_zero_format_represents_constant_groups_exactly(bits):
+    w, ql = _constant_group_layer(bits)
+    deq = ql.dequantize()
+    assert torch.equal(deq[:, 0:32], torch.zeros(64, 32))
+    assert torch.equal(deq[:, 64:96], w[:, 64:96])  # 0.37 and -1.25 bit for bit
+    for c in (0.0, -0.0, 1e-30, -3.3, 1234.5, 7e-45):  # more constants, incl. a float32 subnormal
+        lin = _linear_with(torch.full((2, 32), c))
+        assert torch.equal(QuantLinear.from_linear(lin, QuantScheme("int", bits, group_size=32)).dequantize(),
+                           torch.full((2, 32), c))
+        tile = QuantLinear.from_linear(_linear_with(torch.full((8, 8), c)), QuantScheme("int", bits, tile=(8, 4)))
+        assert torch.equal(tile.dequantize(), torch.full((8, 8), c))
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+@pytest.mark.parametrize("v1_safe", [True, False])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_constant_groups_survive_gptq_export(bits, v1_safe, quantizer):
+    w, ql = _constant_group_layer(bits, quantizer=quantizer)
+    before = ql.dequantize()
+    t = to_gptq_tensors(ql, v1_safe=v1_safe)
+    back = quant_linear_from_gptq(t, bits, 32).dequantize()
+    # all-zero group (GPTQ: the zeroed dead inputs): exactly 0.0 (it came back as 1 * (0 - 1) = -1.0 before)
+    assert torch.equal(before[:, 0:32], torch.zeros(64, 32))
+    assert torch.equal(back[:, 0:32], torch.zeros(64, 32))
+    # every (row, group) whose codes are all equal is a constant c = scale * (q - zero): c up to the fp16
+    # rounding of one scale; every other group is what the export did before (integer zeros, fp16 scales,
+    # codes kept)
+    codes = ql.codes().view(64, 4, 32)
+    const = (codes == codes[..., :1]).all(-1)  # (D_out, G)
+    if quantizer == "rtn":
+        assert const[:, 0].all() and const[:, 2].all() and not const[:, [1, 3]].any()
+        assert torch.equal(before[:, 64:96], w[:, 64:96])
+    else:
+        assert const[:, 0].all() and not const[:, 1:].all()
+    z, _ = export_zero_points(ql.zeros, bits, v1_safe=v1_safe)
+    z = torch.where(z == 0, 2.0**bits, z)  # v1_safe=False: a zero of 0 is stored as -1 & mask, read as 2^k
+    ref = ql.scales.half().float()[..., None] * (codes.float() - z[..., None])
+    b, f = back.view(64, 4, 32), before.view(64, 4, 32)
+    assert torch.equal(b[~const], ref[~const])
+    torch.testing.assert_close(b[const], f[const], rtol=2**-11, atol=0)
+    assert torch.equal(b[const] == 0, f[const] == 0)
+    # re-encoded groups use zeros the v1 format holds (zero - 1 >= 0) also with v1_safe=False; scales finite, > 0
+    _, scale, zero = from_gptq_tensors(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits)
+    assert int(zero[const].min()) >= 1 and int(zero[const].max()) <= 2**bits - 1
+    if v1_safe:
+        assert int(zero.min()) >= 1 and int(zero.max()) <= 2**bits - 1
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_constant_groups_survive_checkpoint_files(bits, tmp_path):
+    from safetensors.torch import load_file
+
+    model = nn.Sequential()
+    model.add_module("layers", nn.ModuleList([nn.Module()]))
+    _, ql = _constant_group_layer(bits)
+    model.layers[0].add_module("proj", ql)
+    summary = export_gptq_checkpoint(model, tmp_path, bits, 32, dtype=torch.float32)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    t = {k: sd[f"layers.0.proj.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+    back = quant_linear_from_gptq(t, bits, 32).dequantize()
+    assert torch.equal(back[:, 0:32], torch.zeros(64, 32))
+    torch.testing.assert_close(back[:, 64:96], ql.dequantize()[:, 64:96], rtol=2**-11, atol=0)
+    meta = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["meta"]
+    assert meta["n_constant_groups"] == summary["n_constant_groups"] == 64 * 2
+
+
+@pytest.mark.parametrize("c", [3e5, -3e5, 1e-3, -7.5])
+def test_constant_group_scale_stays_finite(c):
+    """|c| above fp16's 65504: the step |q - Z| grows so that the fp16 scale stays finite."""
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(1)) * 0.05
+    w[:, 32:] = c
+    ql = QuantLinear.from_linear(_linear_with(w), QuantScheme("int", 8, group_size=32))
+    t = to_gptq_tensors(ql)
+    assert torch.isfinite(t["scales"].float()).all()
+    back = quant_linear_from_gptq(t, 8, 32).dequantize()
+    torch.testing.assert_close(back[:, 32:], w[:, 32:], rtol=2**-11, atol=0)
+
+
+def test_zero_rounding_loss_export_matches_the_checkpoint_with_constant_groups(tmp_path, eval_ids):
+    """The ``*_export`` model of zero_rounding_loss dequantizes like the written checkpoint, constant groups
+    (here: inputs 0..31 of every down_proj are all-zero, as GPTQ leaves dead inputs) included."""
+    from safetensors.torch import load_file
+
+    model = _tiny_llama()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, :32] = 0.0
+    model = _quantize_rtn(model, QuantScheme("int", 4, group_size=32))
+    rep = zero_rounding_loss(model, eval_ids)
+    assert rep["n_constant_groups"] == 2 * 64  # 2 layers x 64 rows
+    summary = export_gptq_checkpoint(model, tmp_path, 4, 32, dtype=torch.float32)
+    assert summary["n_constant_groups"] == rep["n_constant_groups"]
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    fresh = copy.deepcopy(model)
+    for name in [k[: -len(".qweight")] for k in sd if k.endswith(".qweight")]:
+        t = {key: sd[f"{name}.{key}"] for key in ("qweight", "qzeros", "scales", "g_idx")}
+        parent, _, child = name.rpartition(".")
+        back = quant_linear_from_gptq(t, 4, 32)
+        if name.endswith("down_proj"):
+            assert torch.equal(back.dequantize()[:, :32], torch.zeros(64, 32))
+        setattr(fresh.get_submodule(parent), child, back)
+    with torch.no_grad():
+        logits = fresh(eval_ids).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), eval_ids[:, 1:].reshape(-1))
+    assert rep["ppl_export"] == pytest.approx(float(loss.exp()), rel=1e-6)

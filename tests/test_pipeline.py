@@ -286,3 +286,20 @@ def test_requant_list_evaluates_every_setting(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(rd / "eval" / "requant-w2g32-rtn" / "qft_synthetic.json")
     assert main(["evaluate", "--config-json", js, "--mode", "requant-w3g32"]) == 2
     assert "use one of them" in capsys.readouterr().err
+
+
+def test_provenance_records_cpu_features_and_torch_capability():
+    """What makes bf16 (and some fp32) kernels differ between machines is recorded with every result."""
+    from pathlib import Path
+
+    from qftbench.provenance import CPU_FEATURES, hardware
+
+    cpu = hardware()["cpu"]
+    assert cpu["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    flags = set()
+    for line in text.splitlines():
+        if line.lower().startswith(("flags", "features")):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    assert cpu["features"] == [f for f in CPU_FEATURES if f in flags]

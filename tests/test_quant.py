@@ -424,25 +424,94 @@ def test_dequantize_linear4bit_reads_cpu_packed_format():
 # ---------------------------------------------------------------------------------------------- storage size
 
 @pytest.mark.parametrize("scheme,shape,expected", [
+    # the deployed format: NF4 + DQ as bitsandbytes stores it (incl. the float32 offset)
     (QuantScheme("bnb-nf4", 4), (4096, 4096), 4 + 8 / 64 + 32 / (64 * 256) + 32 / 4096**2),
-    (QuantScheme("int", 4, group_size=32), (4096, 4096), 4 + 64 / 32),
-    (QuantScheme("int", 3, tile=(8, 4)), (16, 8), (48 * 8 + 4 * 64) / 128),
-    (QuantScheme("nf", 2, blocksize=64), (3, 7), (6 * 8 + 32) / 21),
+    # INTk: k-bit codes + fp16 scale + fp16 float zero per group: k + 32/g
+    (QuantScheme("int", 4, group_size=32), (4096, 4096), 5.0),
+    (QuantScheme("int", 4, group_size=128), (4096, 4096), 4.25),
+    (QuantScheme("int", 3, group_size=32), (4096, 4096), 4.0),
+    (QuantScheme("int", 2, group_size=32), (4096, 11008), 3.0),
+    (QuantScheme("int", 3, tile=(8, 4)), (16, 8), 4.0),  # 8x4 tile = 32 weights: the same overhead as g32
+    # own NFk: fp32 absmax per block (bitsandbytes' layout without double quantization)
+    (QuantScheme("nf", 2, blocksize=64), (3, 7), (2 * 21 + 32) / 21),
+    (QuantScheme("nf", 4, blocksize=64), (64, 64), 4.5),
 ])
 def test_stored_bits_per_param_formula(scheme, shape, expected):
     assert scheme.stored_bits_per_param(*shape) == pytest.approx(expected, rel=1e-12)
+    assert scheme.stored_bits_per_param(*shape, format="deployed") == scheme.stored_bits_per_param(*shape)
+
+
+def test_stored_bits_per_param_reported_numbers():
+    """The numbers the efficiency table compares, exactly."""
+    b = QuantScheme("bnb-nf4", 4).stored_bits_per_param(4096, 4096)
+    assert round(b, 3) == 4.127
+    assert QuantScheme("int", 4, group_size=32).stored_bits_per_param(4096, 4096) == 5.0
+    assert QuantScheme("int", 4, group_size=128).stored_bits_per_param(4096, 4096) == 4.25
+    assert QuantScheme("int", 3, group_size=32).stored_bits_per_param(4096, 4096) == 4.0
+    # the fp32 working copies, for comparison (what the old numbers counted)
+    assert QuantScheme("int", 4, group_size=32).stored_bits_per_param(4096, 4096, format="working") == 6.0
+    assert QuantScheme("int", 3, group_size=32).stored_bits_per_param(4096, 4096, format="working") == 5.0
+    assert QuantScheme("bnb-nf4", 4).stored_bits_per_param(4096, 4096, format="working") == b
+
+
+@pytest.mark.parametrize("bits,g,expected", [
+    (4, 32, 4.625), (4, 128, 4.15625), (3, 32, 3.59375), (2, 32, 2.5625), (8, 32, 8.75), (3, 128, 3.1484375),
+])
+def test_stored_bits_per_param_gptq_format(bits, g, expected):
+    """GPTQ's packed-integer-zero checkpoint: k-bit codes, fp16 scale and k-bit zero per group: k + (16 + k)/g."""
+    scheme = QuantScheme("int", bits, group_size=g)
+    assert scheme.stored_bits_per_param(4096, 4096, format="gptq") == expected == bits + (16 + bits) / g
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_stored_bits_per_param_gptq_counts_what_the_export_writes(bits):
+    from methods.quant.export import to_gptq_tensors
+
+    d_out, d_in = 64, 256
+    scheme = QuantScheme("int", bits, group_size=32)
+    ql = scheme.make_linear(linear_from(rand_w(d_out, d_in), bias=False))
+    t = to_gptq_tensors(ql)
+    written = sum(t[k].numel() * t[k].element_size() * 8 for k in ("qweight", "qzeros", "scales"))
+    assert scheme.stored_bits_per_param(d_out, d_in, format="gptq") == written / (d_out * d_in)
+    # g_idx (one int32 per input, i // g without act-order) is not counted: 32 / D_out bits per weight
+    assert t["g_idx"].numel() * 32 / (d_out * d_in) == 32 / d_out
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme("int", 4, group_size=32), QuantScheme("int", 3, tile=(8, 4)),
+                                    QuantScheme("int", 2, group_size=16)], ids=lambda s: s.label())
+def test_stored_bits_per_param_deployed_counts_fp16_statistics(scheme):
+    """Deployed INT: the module's codes at k bits each and its scales and float zeros cast to fp16."""
+    d_out, d_in = 40, 128
+    m = scheme.make_linear(linear_from(rand_w(d_out, d_in), bias=False))
+    bits = scheme.bits * m.codes().numel() + sum(b.half().numel() * 16 for b in (m.scales, m.zeros))
+    assert scheme.stored_bits_per_param(d_out, d_in) == pytest.approx(bits / (d_out * d_in), rel=1e-12)
 
 
 @pytest.mark.parametrize("scheme", LINEAR_SCHEMES + [QuantScheme("bnb-nf4", 4)], ids=lambda s: s.label())
 def test_stored_bits_per_param_counts_what_the_module_stores(scheme):
+    """format='working': the suite's fp32 working copies, exactly what the module holds in memory."""
     d_out, d_in = 40, 128
     m = scheme.make_linear(linear_from(rand_w(d_out, d_in), bias=False))
     if scheme.kind == "bnb-nf4":
         qs = m.weight.quant_state
         bits = 8 * m.weight.numel() + 8 * qs.absmax.numel() + 32 * qs.state2.absmax.numel() + 32 * qs.offset.numel()
+        assert scheme.stored_bits_per_param(d_out, d_in) == pytest.approx(bits / (d_out * d_in), rel=1e-12)
     else:  # every buffer except the constant codebook
         bits = sum(b.numel() * b.element_size() * 8 for n, b in m.named_buffers() if n != "codebook")
-    assert scheme.stored_bits_per_param(d_out, d_in) == pytest.approx(bits / (d_out * d_in), rel=1e-12)
+        assert "bits_per_param=" in repr(m) and "(deployed)" in repr(m)
+        assert f"working_bits_per_param={bits / (d_out * d_in):.3f}" in repr(m)
+    assert scheme.stored_bits_per_param(d_out, d_in, format="working") == pytest.approx(bits / (d_out * d_in),
+                                                                                         rel=1e-12)
+
+
+def test_stored_bits_per_param_format_errors():
+    with pytest.raises(ConfigError, match=r"format='fp32' is not a bits-per-weight format.*'working'"):
+        QuantScheme("int", 4, group_size=32).stored_bits_per_param(64, 64, format="fp32")
+    for scheme in (QuantScheme("int", 4, tile=(8, 4)), QuantScheme("nf", 4), QuantScheme("bnb-nf4", 4)):
+        assert scheme.bit_formats() == ("deployed", "working")
+        with pytest.raises(ConfigError, match=r"format='gptq' .* row groups"):
+            scheme.stored_bits_per_param(64, 64, format="gptq")
+    assert QuantScheme("int", 4, group_size=32).bit_formats() == ("deployed", "working", "gptq")
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -3,10 +3,12 @@ outputs for the MMLU / commonsense rows that a tiny model cannot produce offline
 from __future__ import annotations
 
 import json
+import re
 import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -214,11 +216,15 @@ def test_mean_std_over_seeds(df, tabs):
     syn = tabs["synthetic"]
     q = syn[syn["method"] == "qalora"].iloc[0]
     vals = df[(df["method"] == "qalora") & (df["task"] == "synthetic") & (df["metric"] == "acc")]["value"]
-    assert q["acc (%)"] == R.fmt_pm(vals.mean(), vals.std() if len(vals) > 1 else None) and q["seeds"] == 2
+    # real runs store per-item records: the cell is the mean over seeds with its 95% interval over items and
+    # seeds, and the header carries n (6 items, evaluated by both seeds)
+    cell = re.fullmatch(r"(\d+\.\d) \[(\d+\.\d), (\d+\.\d)\]", q["acc (%) (n=6)"])
+    assert cell and cell[1] == f"{vals.mean():.1f}" and float(cell[2]) <= vals.mean() <= float(cell[3])
+    assert q["seeds"] == 2
     assert set(syn["method"]) == {"qalora", "qlora"} and set(syn["rank"]) == {4}
     eff = tabs["efficiency"]
-    assert {"trainable params", "adapter FLOPs/token", "train FLOPs/token", "total train FLOPs", "bits/param",
-            "train time (s)", "peak mem (MB)", "tokens/s", "seeds"} <= set(eff.columns)
+    assert {"trainable params", "adapter FLOPs/token", "train FLOPs/token", "total train FLOPs",
+            "bits/param (deployed)", "train time (s)", "peak mem (MB)", "tokens/s", "seeds"} <= set(eff.columns)
     n = df[(df["model"] == "llama-7b") & (df["method"] == "qalora")]["trainable_params"].iloc[0]
     assert eff[(eff["model"] == "llama-7b") & (eff["method"] == "qalora")]["trainable params"].tolist() == [str(n)]
 
@@ -352,3 +358,98 @@ def test_requant_list_rows_match_the_papers_3_and_2_bit_rows(results, tmp_path):
     assert got == {"4": ("requant-w4g32", "QLoRA w/ GPTQ", 36.0, 37.0, 32),
                    "3": ("requant-w3g32", "QLoRA w/ GPTQ", 34.0, 33.0, 32),
                    "2": ("requant-w2g32", "QLoRA w/ GPTQ", 25.8, 25.5, 32)}
+
+
+def test_efficiency_bits_are_the_deployed_format():
+    """bits/param (deployed): INT with fp16 scale + fp16 zero per group (int4 g32: 5.0 on the target layers),
+    NF4 + DQ as bitsandbytes stores it (4.127), for new records and for records written before the formats were
+    separated (their bits_per_param counted the fp32 working copies, 6.0 for int4 g32)."""
+    from qftbench.accounting import account
+
+    qa, ql = account("llama-7b", "qalora", bits=4, group_size=32), account("llama-7b", "qlora")
+    assert qa["bits_per_param_target"] == 5.0 and round(ql["bits_per_param_target"], 3) == 4.127
+    assert R._deployed_bits(qa) == qa["bits_per_param"]
+    new_keys = ("bits_per_param_format", "bits_per_param_working", "bits_per_param_target_working",
+                "bits_per_param_gptq", "bits_per_param_target_gptq")
+    legacy = {k: v for k, v in qa.items() if k not in new_keys}
+    legacy.update(bits_per_param=qa["bits_per_param_working"], bits_per_param_target=6.0)
+    assert R._deployed_bits(legacy) == pytest.approx(qa["bits_per_param"], rel=1e-12)
+    assert R._deployed_bits({"bits_per_param": 6.0, "method": "qalora"}) is None  # unreadable: empty, never 6.0
+    assert R._deployed_bits({}) is None
+
+    rows = []
+    for run_id, acc, method in (("a", qa, "qalora"), ("b", ql, "qlora")):
+        rows.append({"run_id": run_id, "model": "llama-7b", "method": method, "data": "alpaca", "bits": 4,
+                     "group_size": 32 if method == "qalora" else pd.NA, "rank": 64, "alpha": 16.0,
+                     "config_id": run_id, "seed": 0, "bits_per_param": R._deployed_bits(acc)})
+    df = pd.DataFrame(rows, columns=R.COLUMNS)
+    eff = R._efficiency_table(df).set_index("method")
+    assert eff.loc["qalora", "bits/param (deployed)"] == R.fmt_pm(qa["bits_per_param"], None, 2) == "5.43"
+    assert eff.loc["qlora", "bits/param (deployed)"] == R.fmt_pm(ql["bits_per_param"], None, 2) == "4.59"
+
+
+# ------------------------------------------------------------------------------ intervals and paired tables
+def _items(acc, prefix="d") -> dict:
+    return {"doc_id": list(range(len(acc))), "doc_hash": [f"{prefix}{i}" for i in range(len(acc))],
+            "target": [0] * len(acc), "pred": [0] * len(acc), "acc": [float(x) for x in acc]}
+
+
+def test_intervals_and_paired_table_from_item_records(real_results, tmp_path):
+    """Hand-made per-item records with known answers: a 2000-item task whose two seeds agree gives the binomial
+    interval; MMLU micro/macro weight the subjects by items/equally; a method right on 10% more of the same items
+    is 'A > B' in the paired table, identical records are 'inconclusive' with p = 1."""
+    runs = tmp_path / "results" / "runs"
+    qalora = next((real_results / "runs").glob("tiny-llama-qalora-*-s0-*"))
+    qlora = next((real_results / "runs").glob("tiny-llama-qlora-*-s0-*"))
+    n = 2000
+    rng = np.random.default_rng(0)
+    u = rng.random(n)
+    b = (u < 0.5).astype(float)
+    a = (u < 0.6).astype(float)  # right wherever b is, and on ~10% more items
+
+    def piqa_eval(acc, mode):
+        res = commonsense_eval({"piqa": float(np.mean(acc))}, mode)
+        res["commonsense"] = None
+        res["items"] = {"qft_piqa": _items(acc)}
+        return res
+
+    def mmlu_items_eval(mode):
+        res = mmlu_eval(0.48, CATS0, mode)
+        res["items"] = {"qft_mmlu_abstract_algebra": _items([1] * 6 + [0] * 24, "aa"),    # stem, 30 items, 0.2
+                        "qft_mmlu_world_religions": _items([1] * 42 + [0] * 28, "wr")}  # humanities, 70, 0.6
+        return res
+
+    for seed in (0, 1):  # two seeds with identical records: no seed variance
+        _handmade_run(qalora, runs, f"llama-7b-qalora-r64-4b-g32-alpaca-s{seed}-ci", {"rank": 64, "alpha": 16}, seed,
+                      {"int-merge/piqa.json": piqa_eval(a, "int-merge"),
+                       "int-merge/qft_mmlu-5shot.json": mmlu_items_eval("int-merge")})
+    _handmade_run(qlora, runs, "llama-7b-qlora-r64-4b-alpaca-s0-ci", {"rank": 64, "alpha": 16}, 0,
+                  {"4+16/piqa.json": piqa_eval(b, "4+16"), "4+16/qft_mmlu-5shot.json": mmlu_items_eval("4+16")})
+    df = R.collect(tmp_path / "results")
+    agg = R.aggregate(df)
+    row = agg[(agg["method"] == "qalora") & (agg["task"] == "piqa") & (agg["metric"] == "acc")].iloc[0]
+    p = a.mean()
+    half = 100 * 1.959964 * math.sqrt(p * (1 - p) / n)
+    assert row["n_items"] == n and row["n_seeds"] == 2 and row["mean"] == pytest.approx(100 * p)
+    assert row["ci_lo"] == pytest.approx(100 * p - half, abs=0.3) and row["ci_hi"] == pytest.approx(100 * p + half,
+                                                                                                    abs=0.3)
+    # MMLU: the interval's own mean weights subjects by items (micro) or equally (macro)
+    mm = agg[(agg["method"] == "qalora") & (agg["task"] == "mmlu") & (agg["category"] == "avg")]
+    for metric, want in (("acc_micro", (6 + 42) / 100), ("acc_macro", (0.2 + 0.6) / 2)):
+        r = mm[mm["metric"] == metric].iloc[0]
+        assert R.cell_interval(r).mean == pytest.approx(want) and r["n_items"] == 100
+    stem = agg[(agg["method"] == "qalora") & (agg["task"] == "mmlu") & (agg["category"] == "stem")
+               & (agg["metric"] == "acc_micro")].iloc[0]
+    assert stem["n_items"] == 30
+    # the table cell: mean [lo, hi], n in the header
+    cs = R.tables(df)["commonsense"]
+    cell = cs[cs["method"] == "qalora"].iloc[0][f"PIQA (n={n})"]
+    assert cell == R.fmt_ci(row["mean"], row["ci_lo"], row["ci_hi"])
+    # paired: QA-LoRA vs QLoRA on the same 2000 items
+    pt = R.paired_table(agg)
+    piqa = pt[(pt["task"] == "piqa")].iloc[0]
+    assert piqa["A"].startswith("qalora") and piqa["B"].startswith("qlora") and piqa["verdict"] == "A > B"
+    assert float(piqa["A - B"]) == pytest.approx(100 * (a.mean() - b.mean()), abs=0.05)
+    assert float(piqa["p"]) < 1e-3 and piqa["n items"] == n and piqa["seeds A/B"] == "2/1"
+    mmlu = pt[(pt["task"] == "mmlu")].iloc[0]  # identical records: no difference
+    assert mmlu["verdict"] == "inconclusive" and float(mmlu["p"]) == 1.0 and mmlu["A - B"] == "+0.0"

@@ -29,6 +29,16 @@ What is lossy (and measured by :func:`zero_rounding_loss`, not hidden):
   ``v1_safe=False`` they are written as ``-1 & mask`` like old AutoGPTQ (which then load wrongly).
 * scales are stored in fp16.
 
+Constant groups (all codes of a row group equal, so the suite's layer dequantizes the group to one value
+``c = scale * (q - zero)``: e.g. the all-zero inputs GPTQ zeroes, for which RTN/GPTQ use ``scale = 1``,
+``zero = -c``) are re-encoded by :func:`gptq_layer_params`, because rounding their zero would move the whole
+group (an all-zero group came back as ``1 * (0 - 1) = -1.0``): ``c == 0`` -> ``q = Z = lo``; ``c != 0`` ->
+``scale = fp16(|c|)``, ``q - Z = sign(c)`` (``Z = 1``, ``q = 2`` for ``c > 0``; ``Z = 1``, ``q = 0`` for
+``c < 0``; ``Z`` is never 0, so also ``v1_safe=False`` writes them readably). So ``0`` comes back as exactly
+``0.0`` and ``c`` as ``fp16(c)`` (the nearest fp16 value; for ``|c| > 65504`` the step ``|q - Z|`` grows so that
+the scale stays finite). A constant group that the plain rounding already reproduces at least as well (as a
+reader decodes it) keeps it. Only these groups' codes change; every other group keeps its codes.
+
 The exact merge stays exact only in a float-zero format (the suite's own QuantLinear).
 """
 from __future__ import annotations
@@ -47,6 +57,7 @@ __all__ = [
     "pack_int32",
     "unpack_int32",
     "export_zero_points",
+    "gptq_layer_params",
     "to_gptq_tensors",
     "from_gptq_tensors",
     "quant_linear_from_gptq",
@@ -153,25 +164,85 @@ def _row_group_size(ql) -> int:
 
 # ----------------------------------------------------------------------------------------- layers
 
+_FP16_MAX = 65504.0
+
+
+@torch.no_grad()
+def gptq_layer_params(quant_linear, *, v1_safe: bool = True) -> dict:
+    """What the GPTQ export writes for one row-group INT QuantLinear, unpacked (module docstring).
+
+    Returns ``{"codes": int64 (D_out, D_in), "scales": float16 (D_out, G), "zeros": int64 (D_out, G)`` (the
+    integer zero, ``qzeros`` holds ``zeros - 1``), ``"reencoded": bool (D_out, G)`` (constant groups written
+    with their own scale / zero / codes), ``"n_zero_lifted"`` (other groups whose zero rounded to 0 and was
+    lifted to 1), ``"n_constant_reencoded"``}. The dequantized export is
+    ``scales.float() * (codes - zeros)`` per group."""
+    g = _row_group_size(quant_linear)
+    bits = quant_linear.scheme.bits
+    _check_bits(bits)
+    if quant_linear.scale_delta is not None:
+        raise ConfigError("GPTQ export: merge the PEQA scale_delta first (QuantLinear.merge_scale_delta()).")
+    d_out, d_in = quant_linear.out_features, quant_linear.in_features
+    n_groups = d_in // g
+    maxq, lo = 2**bits - 1, (1 if v1_safe else 0)  # lo: the smallest zero written for a non-constant group
+    codes = quant_linear.codes().to(torch.int64)  # (D_out, D_in)
+    z_round = torch.clamp(torch.round(quant_linear.zeros.detach().float()), 0, maxq)  # before the v1 lift
+    zeros = torch.clamp(z_round, min=lo).to(torch.int64)  # = export_zero_points(...)[0]
+    scales = quant_linear.scales.detach().float().to(torch.float16)
+
+    # constant groups: every code of the (row, group) equal -> the layer's value there is one constant c
+    cg = codes.view(d_out, n_groups, g)
+    const = (cg == cg[..., :1]).all(dim=-1)
+    reencoded = torch.zeros_like(const)
+    if const.any():
+        q0 = cg[..., 0]
+        c = (quant_linear.scales.float() * (q0.float() - quant_linear.zeros.float()))  # as int_dequantize
+        # what the plain rounding gives back, as read (a v1 zero of 0 is stored as -1 & mask, read as 2^k)
+        z_read = torch.where(zeros == 0, torch.full_like(zeros, maxq + 1), zeros)
+        plain = scales.float() * (q0 - z_read).float()
+        # q - Z = sign(c) * step, scale = fp16(|c| / step); step 1 unless |c| / step would overflow fp16; Z >= 1
+        step = torch.clamp(torch.ceil(c.abs() / _FP16_MAX), min=1, max=maxq - 1)
+        s_c = torch.clamp(c.abs() / step, max=_FP16_MAX).to(torch.float16)
+        one = torch.ones_like(step)
+        z_c = torch.where(c < 0, step, one).to(torch.int64)  # c > 0: Z = 1, q = 1 + step; c < 0: Z = step, q = 0
+        q_c = torch.where(c > 0, 1 + step, torch.where(c < 0, 0 * step, one)).to(torch.int64)
+        keep_scale = torch.isfinite(scales.float()) & (scales.float() > 0)
+        s_c = torch.where(c == 0, torch.where(keep_scale, scales, torch.ones_like(scales)), s_c)
+        new = s_c.float() * (q_c - z_c).float()
+        reencoded = const & ((new - c).abs() < (plain - c).abs())
+        if reencoded.any():
+            zeros = torch.where(reencoded, z_c, zeros)
+            scales = torch.where(reencoded, s_c, scales)
+            cg = torch.where(reencoded[..., None], q_c[..., None].expand_as(cg), cg)
+            codes = cg.reshape(d_out, d_in)
+    n_lifted = int(((z_round == 0) & ~reencoded).sum()) if v1_safe else 0
+    return {"codes": codes, "scales": scales, "zeros": zeros, "reencoded": reencoded,
+            "n_zero_lifted": n_lifted, "n_constant_reencoded": int(reencoded.sum())}
+
 
 @torch.no_grad()
 def to_gptq_tensors(quant_linear, *, v1_safe: bool = True) -> dict[str, torch.Tensor]:
     """GPTQ tensors (``qweight``, ``qzeros``, ``scales``, ``g_idx`` and ``bias`` if any) of a row-group INT
-    :class:`~methods.quant.linear.QuantLinear` (zeros rounded as :func:`export_zero_points`)."""
+    :class:`~methods.quant.linear.QuantLinear`: zeros rounded as :func:`export_zero_points`, constant groups
+    re-encoded exactly (:func:`gptq_layer_params`)."""
     g = _row_group_size(quant_linear)
     bits = quant_linear.scheme.bits
     _check_bits(bits)
     d_out, d_in = quant_linear.out_features, quant_linear.in_features
     if quant_linear.scale_delta is not None:
         raise ConfigError("to_gptq_tensors: merge the PEQA scale_delta first (QuantLinear.merge_scale_delta()).")
-    codes = quant_linear.codes().to(torch.int64)  # (D_out, D_in)
-    zeros, _ = export_zero_points(quant_linear.zeros, bits, v1_safe=v1_safe)  # (D_out, G)
-    stored = (zeros.to(torch.int64) - 1) & (2**bits - 1)
+    return _gptq_tensors(quant_linear, gptq_layer_params(quant_linear, v1_safe=v1_safe), g)
+
+
+def _gptq_tensors(quant_linear, p: dict, g: int) -> dict[str, torch.Tensor]:
+    bits = quant_linear.scheme.bits
+    d_out, d_in = quant_linear.out_features, quant_linear.in_features
+    codes = p["codes"]  # (D_out, D_in)
+    stored = (p["zeros"] - 1) & (2**bits - 1)  # (D_out, G)
     out = {
         "qweight": pack_int32(codes.t().contiguous(), bits),
         # stored is (D_out, G): pack along D_out, then (G, D_out * bits / 32)
         "qzeros": pack_int32(stored.contiguous(), bits).t().contiguous(),
-        "scales": quant_linear.scales.detach().float().t().contiguous().to(torch.float16),
+        "scales": p["scales"].t().contiguous(),
         "g_idx": (torch.arange(d_in, dtype=torch.int32) // g).to(torch.int32),
     }
     if quant_linear.bias is not None:
@@ -234,7 +305,8 @@ def export_gptq_checkpoint(model: nn.Module, out_dir: str | Path, bits: int, gro
     Every :class:`QuantLinear` of the model (all must be INT ``bits``, row groups of ``group_size``) is written
     as GPTQ tensors; every other parameter / buffer of the state dict as is, cast to ``dtype`` when floating
     (``None`` keeps it). Tensors that share storage (tied embeddings) are written once. Returns a summary
-    ``{"layers": n, "n_zero_lifted": n, "path": ...}``.
+    ``{"layers": n, "n_zero_lifted": n, "n_constant_groups": n, "path": ...}`` (``n_constant_groups``: constant
+    groups re-encoded exactly, :func:`gptq_layer_params`).
     """
     from safetensors.torch import save_file
 
@@ -251,13 +323,15 @@ def export_gptq_checkpoint(model: nn.Module, out_dir: str | Path, bits: int, gro
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    n_lifted = 0
+    n_lifted = n_const = 0
     for name, ql in qls.items():
-        for key, t in to_gptq_tensors(ql, v1_safe=v1_safe).items():
+        p = gptq_layer_params(ql, v1_safe=v1_safe)
+        for key, t in _gptq_tensors(ql, p, group_size).items():
             if key == "bias" and dtype is not None:
                 t = t.to(dtype)
             tensors[f"{name}.{key}"] = t.contiguous()
-        n_lifted += export_zero_points(ql.zeros, bits, v1_safe=v1_safe)[1]
+        n_lifted += p["n_zero_lifted"]
+        n_const += p["n_constant_reencoded"]
     q_prefixes = tuple(f"{n}." for n in qls)
     seen_ptrs = {}
     for key, t in model.state_dict().items():
@@ -286,7 +360,9 @@ def export_gptq_checkpoint(model: nn.Module, out_dir: str | Path, bits: int, gro
         "true_sequential": True,
         "checkpoint_format": "gptq",
         "meta": {"quantizer": ["qftbench"], "zero_points": "rounded from float zeros (lossy; see "
-                 "zero_rounding_loss)", "n_zero_lifted_to_1": n_lifted},
+                 "zero_rounding_loss)", "n_zero_lifted_to_1": n_lifted,
+                 "n_constant_groups": n_const,
+                 "constant_groups": "groups with one value c re-encoded as scale=fp16(|c|), q-zero=sign(c)"},
     }
     # the quantized modules, if not every linear of the decoder blocks is quantized
     lin_names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -296,7 +372,7 @@ def export_gptq_checkpoint(model: nn.Module, out_dir: str | Path, bits: int, gro
             sorted({n.split(".layers.", 1)[1].split(".", 1)[1] for n in qls if ".layers." in n})
         ]
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
-    return {"layers": len(qls), "n_zero_lifted": n_lifted, "path": str(out_dir)}
+    return {"layers": len(qls), "n_zero_lifted": n_lifted, "n_constant_groups": n_const, "path": str(out_dir)}
 
 
 def _ppl_and_logits(model: nn.Module, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -310,13 +386,18 @@ def zero_rounding_loss(model: nn.Module, eval_input_ids: torch.Tensor, *, v1_saf
     """Loss from storing the model's INT zero points as integers (GPTQ export), on ``eval_input_ids``.
 
     Compares the model as is (float zeros) with the same model whose zeros are ``export_zero_points(...)``
-    (round, clamp to ``[0, 2^k-1]``, lift 0 to 1 with ``v1_safe``), codes and scales unchanged; and, in the
-    ``*_export`` entries, additionally with fp16 scales (everything the GPTQ export changes). The model is
-    restored afterwards.
+    (round, clamp to ``[0, 2^k-1]``, lift 0 to 1 with ``v1_safe``), codes and scales unchanged except in the
+    constant groups that the export re-encodes (:func:`gptq_layer_params`: their codes, zero and fp16 scale are
+    set as written); and, in the ``*_export`` entries, additionally with fp16 scales everywhere (everything the
+    GPTQ export changes: the ``*_export`` model dequantizes like the exported checkpoint). Layers that the
+    export cannot write (2-D tiles) only get their zeros rounded. ``max_abs_dzero`` is taken over the groups
+    whose codes are kept. The model is restored afterwards.
 
     Returns ``{"max_abs_dlogit", "ppl_float_zeros", "ppl_rounded_zeros", "max_abs_dzero", "n_zero_lifted",
-    "max_abs_dlogit_export", "ppl_export", "n_layers"}``.
+    "n_constant_groups", "max_abs_dlogit_export", "ppl_export", "n_layers"}``.
     """
+    from .packing import pack
+
     ids = torch.as_tensor(eval_input_ids, dtype=torch.long)
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
@@ -328,23 +409,36 @@ def zero_rounding_loss(model: nn.Module, eval_input_ids: torch.Tensor, *, v1_saf
     ids = ids.to(next(model.parameters(), next(model.buffers())).device)
     was_training = model.training
     model.eval()
-    saved = {n: (m.zeros.clone(), m.scales.clone()) for n, m in qls.items()}
+    saved = {n: (m.zeros.clone(), m.scales.clone(), m.qweight.clone()) for n, m in qls.items()}
     try:
         ppl_f, logits_f = _ppl_and_logits(model, ids)
-        n_lifted, max_dz = 0, 0.0
+        n_lifted, n_const, max_dz = 0, 0, 0.0
+        export_scales = {}
         for n, m in qls.items():
-            z, k = export_zero_points(m.zeros, m.scheme.bits, v1_safe=v1_safe)
+            if m.scheme.block()[0] == 1 and m.scheme.bits in GPTQ_BITS and m.scale_delta is None:
+                p = gptq_layer_params(m, v1_safe=v1_safe)
+                z, k, kept = p["zeros"].float(), p["n_zero_lifted"], ~p["reencoded"]
+                n_const += p["n_constant_reencoded"]
+                export_scales[n] = p["scales"].float()
+                m.qweight.copy_(pack(p["codes"].to(torch.uint8), m.scheme.bits))
+                m.scales.copy_(torch.where(p["reencoded"], export_scales[n], m.scales))
+            else:
+                z, k = export_zero_points(m.zeros, m.scheme.bits, v1_safe=v1_safe)
+                kept = torch.ones_like(z, dtype=torch.bool)
+                export_scales[n] = m.scales.to(torch.float16).float()
             n_lifted += k
-            max_dz = max(max_dz, float((z - m.zeros).abs().max()) if m.zeros.numel() else 0.0)
+            if kept.any():
+                max_dz = max(max_dz, float((z - m.zeros)[kept].abs().max()))
             m.zeros.copy_(z)
         ppl_r, logits_r = _ppl_and_logits(model, ids)
-        for m in qls.values():
-            m.scales.copy_(m.scales.to(torch.float16).float())
+        for n, m in qls.items():
+            m.scales.copy_(export_scales[n])
         ppl_e, logits_e = _ppl_and_logits(model, ids)
     finally:
         for n, m in qls.items():
             m.zeros.copy_(saved[n][0])
             m.scales.copy_(saved[n][1])
+            m.qweight.copy_(saved[n][2])
         model.train(was_training)
     return {
         "max_abs_dlogit": float((logits_r - logits_f).abs().max()),
@@ -352,6 +446,7 @@ def zero_rounding_loss(model: nn.Module, eval_input_ids: torch.Tensor, *, v1_saf
         "ppl_rounded_zeros": ppl_r,
         "max_abs_dzero": max_dz,
         "n_zero_lifted": n_lifted,
+        "n_constant_groups": n_const,
         "max_abs_dlogit_export": float((logits_e - logits_f).abs().max()),
         "ppl_export": ppl_e,
         "n_layers": len(qls),

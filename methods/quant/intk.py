@@ -9,7 +9,8 @@ QA-HiRA reference tiles are ``(8, 4)``. Per block::
 
 Scales and zeros have shape ``(D_out / tile_out, D_in / tile_in)``. Zero points stay floats so that merges
 into them (QA-LoRA, QA-HiRA) are exact. A block whose weights are all equal gets ``scale = 1`` and is then
-represented exactly (``q = 0``, ``w~ = min``).
+represented exactly (``q = 0``, ``w~ = min``; an all-zero block dequantizes to exactly 0.0). The GPTQ export,
+whose zeros are integers, re-encodes such blocks (:func:`methods.quant.export.gptq_layer_params`).
 """
 from __future__ import annotations
 

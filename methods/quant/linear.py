@@ -9,6 +9,9 @@ Storage (all buffers, nothing trainable):
 - nf: ``absmax`` float32 ``(ceil(D_out * D_in / blocksize),)`` and the ``codebook`` float32 ``(2^k,)``;
 - ``bias``: float32 ``(D_out,)`` or None.
 
+These float32 statistics are the suite's working copies: ``scheme.stored_bits_per_param(..., format="working")``
+counts them; the reported (deployed) bits per weight count fp16 scales and zeros (:mod:`methods.quant.scheme`).
+
 The statistics stay float32 whatever ``.to(dtype)`` / ``.half()`` is applied to the module; the forward
 dequantizes in the compute dtype (``compute_dtype`` if given, else the input's dtype).
 
@@ -237,9 +240,12 @@ class QuantLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
+        shape = (self.out_features, self.in_features)
         s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
              f"scheme={self.scheme.label()}, "
-             f"bits_per_param={self.scheme.stored_bits_per_param(self.out_features, self.in_features):.3f}")
+             f"bits_per_param={self.scheme.stored_bits_per_param(*shape):.3f} (deployed), "
+             f"working_bits_per_param={self.scheme.stored_bits_per_param(*shape, format='working'):.3f} "
+             f"(fp32 statistics in memory)")
         if self.compute_dtype is not None:
             s += f", compute_dtype={self.compute_dtype}"
         if self.scale_delta is not None:

@@ -7,6 +7,33 @@ Kinds (METHODS.md, "Quantizers"):
   groups of ``group_size`` inputs (tile ``(1, g)``) or 2-D tiles ``(tile_out, tile_in)``, e.g. ``(8, 4)``.
 - ``"nf"``: the suite's own NFk codebook quantizer (k = 2, 3, 4), blockwise absmax over the flattened weight.
 - ``"bnb-nf4"``: bitsandbytes NF4 with double quantization, block 64 (QLoRA).
+
+Bits per weight (:meth:`QuantScheme.stored_bits_per_param`, ``format=``), for a layer of ``N = D_out · D_in``
+weights; ``k`` bits per code, ``g`` weights per INT block (``group_size``, or ``tile_out · tile_in``: 32 for
+the 8x4 tiles), ``B`` the NF blocksize. Constant lookup tables (codebooks) are never counted.
+
+==============  ==========================================  =================================  ============
+quantizer       ``"deployed"`` (default; efficiency table,  ``"working"`` (what the suite's    ``"gptq"``
+                ``bits_per_param``)                         modules hold in memory)
+==============  ==========================================  =================================  ============
+INTk, groups g  k + 32/g: fp16 scale + fp16 float zero      8·ceil(N·k/8)/N + 64/g: fp32       k + (16+k)/g
+                per group (GPTQ/HQQ-style float zeros):     scale + fp32 float zero per group
+                int4 g32 5.0, g128 4.25; int3 g32 4.0
+INTk, tiles     k + 32/(to·ti): the same per-block          8·ceil(N·k/8)/N + 64/(to·ti)       --
+                overhead (8x4: k + 1)
+NFk (own)       (N·k + 32·ceil(N/B))/N ≈ k + 32/B: fp32     8·ceil(N·k/8)/N + 32·ceil(N/B)/N   --
+                absmax per block, as bitsandbytes NF4
+                stores it without double quantization
+bnb NF4 + DQ    bitsandbytes' real storage: 4 + 8/B +       the same                           --
+                32/(256·B) + 32/N (offset); B=64: 4.127
+==============  ==========================================  =================================  ============
+
+``"gptq"`` is the packed-integer-zero GPTQ checkpoint that :func:`methods.quant.export.export_gptq_checkpoint`
+writes (row groups only): k-bit codes, an fp16 scale and a k-bit packed integer zero per group; int4 g32
+4.625, int4 g128 ≈ 4.156, int3 g32 ≈ 3.594, int2 g32 ≈ 2.563, int8 g32 8.75. Its ``g_idx`` (one int32 per
+input, ``32 / D_out`` bits per weight, recomputable as ``i // g`` without act-order) is not counted. Its
+integer zeros make the exact QA-LoRA / QA-HiRA merges lossy (export.py); the ``"deployed"`` float-zero layout
+keeps them exact, which is why it is the reported number.
 """
 from __future__ import annotations
 
@@ -24,7 +51,12 @@ from .packing import packed_nbytes
 
 KINDS = ("int", "nf", "bnb-nf4")
 BITS_BY_KIND = {"int": INT_BITS, "nf": NF_BITS, "bnb-nf4": (4,)}
-STAT_BITS = 32  # scales, zeros and absmax of QuantLinear are float32
+STAT_BITS = 32  # scales, zeros and absmax of QuantLinear are float32 (the "working" format)
+DEPLOYED_STAT_BITS = 16  # INT scales and float zeros as a deployed float-zero format stores them (fp16)
+NF_ABSMAX_BITS = 32  # NF absmax as bitsandbytes stores it without double quantization (fp32)
+GPTQ_SCALE_BITS = 16  # the GPTQ checkpoint's fp16 scales (its zeros are k-bit integers)
+#: the bits-per-weight formats of :meth:`QuantScheme.stored_bits_per_param` (module docstring)
+BIT_FORMATS = ("deployed", "working", "gptq")
 
 
 def _is_pos_int(v) -> bool:
@@ -171,20 +203,51 @@ class QuantScheme:
 
         return QuantLinear.from_linear(linear, self, compute_dtype, name=name)
 
-    def stored_bits_per_param(self, d_out: int, d_in: int) -> float:
-        """Bits per weight that the module from :meth:`make_linear` stores: packed codes plus statistics
-        (float32 scales and zeros for int, float32 absmax for nf, 8-bit absmax + nested float32 absmax + offset
-        for bnb-nf4). Constant lookup tables (codebooks) are not counted."""
+    def bit_formats(self) -> tuple[str, ...]:
+        """The ``format=`` values :meth:`stored_bits_per_param` accepts for this scheme (``"gptq"`` only for INT
+        row groups: the GPTQ checkpoint cannot store tiles or NF codes)."""
+        if self.kind == "int" and self.group_size is not None:
+            return BIT_FORMATS
+        return BIT_FORMATS[:2]
+
+    def stored_bits_per_param(self, d_out: int, d_in: int, format: str = "deployed") -> float:
+        """Bits per weight of a ``(d_out, d_in)`` layer in the given storage ``format`` (table in the module
+        docstring):
+
+        - ``"deployed"`` (default): the format a user deploys: INT with fp16 scale and fp16 float zero per block
+          (``k + 32/g``), own NF with fp32 absmax per block, bnb-nf4 as bitsandbytes stores it;
+        - ``"working"``: what the module from :meth:`make_linear` holds in memory (the suite's fp32 working
+          copies: densely packed codes plus float32 scales and zeros / absmax; bnb-nf4 as stored);
+        - ``"gptq"``: the GPTQ checkpoint of :mod:`methods.quant.export` (INT row groups only): ``k`` bits per
+          code, fp16 scale and k-bit packed integer zero per group, ``k + (16 + k)/g``.
+
+        Constant lookup tables (codebooks) are not counted."""
+        if format not in BIT_FORMATS:
+            raise ConfigError(f"format={format!r} is not a bits-per-weight format; use one of "
+                              f"{', '.join(repr(f) for f in BIT_FORMATS)}.{did_you_mean(format, BIT_FORMATS)}")
+        if format not in self.bit_formats():
+            raise ConfigError(
+                f"format='gptq' (the packed-integer-zero GPTQ checkpoint) exists for kind='int' with row groups "
+                f"(group_size) only, not for {self.label()}; use format='deployed' or 'working'."
+            )
         numel = d_out * d_in
         if self.kind == "bnb-nf4":
             return linear4bit_stored_bits(d_out, d_in, self.blocksize) / numel
-        code_bits = 8 * packed_nbytes(numel, self.bits)
         if self.kind == "int":
             self.check_layer("<weight>", d_out, d_in)
             to, ti = self.block()
             n_blocks = (d_out // to) * (d_in // ti)
-            return (code_bits + 2 * STAT_BITS * n_blocks) / numel
-        return (code_bits + STAT_BITS * nf_num_blocks(numel, self.blocksize)) / numel
+        else:
+            n_blocks = nf_num_blocks(numel, self.blocksize)
+        if format == "working":
+            code_bits = 8 * packed_nbytes(numel, self.bits)
+            return (code_bits + (2 if self.kind == "int" else 1) * STAT_BITS * n_blocks) / numel
+        code_bits = self.bits * numel
+        if format == "gptq":
+            return (code_bits + (GPTQ_SCALE_BITS + self.bits) * n_blocks) / numel
+        if self.kind == "int":
+            return (code_bits + 2 * DEPLOYED_STAT_BITS * n_blocks) / numel
+        return (code_bits + NF_ABSMAX_BITS * n_blocks) / numel
 
     def label(self) -> str:
         """Short name, e.g. ``int4-g32``, ``int2-tile8x4``, ``nf3-b64``, ``bnb-nf4-dq-b64``."""
