@@ -83,7 +83,7 @@ def ensure_synthetic(cfg) -> Path:
     from . import synthetic
 
     d = synthetic_dir(cfg)
-    if not (d / "manifest.json").is_file():
+    if not (d / "manifest.json").is_file() or not (d / "validation.jsonl").is_file():  # (v1 had no validation)
         s = cfg["data"]["synthetic"]
         kw = {k: v for k, v in s.items()
               if v is not None and k in ("n_entities", "phrasings_per_fact", "eval_per_fact")}

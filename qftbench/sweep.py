@@ -309,7 +309,7 @@ def expected_tables(sweep: dict, runs: dict[str, dict]) -> list[str]:
         out += ["mmlu", "mmlu_subject_avg"]
     if tasks & COMMONSENSE:
         out.append("commonsense")
-    if "synthetic" in tasks:
+    if tasks & {"synthetic", "synthetic_val"}:
         out.append("synthetic")
     return out + ["efficiency", "paired", "paper_vs_reproduced"]
 

@@ -38,6 +38,7 @@ __all__ = [
     "RELATIONS",
     "TRAIN_TEMPLATES",
     "EVAL_TEMPLATES",
+    "VALIDATION_TEMPLATES",
     "DEFAULT_N_ENTITIES",
     "max_entities",
     "generate_world",
@@ -46,7 +47,8 @@ __all__ = [
     "write_synthetic",
 ]
 
-GENERATOR_VERSION = 1
+#: 2: adds validation.jsonl (train.json and eval.jsonl are byte-identical to version 1's)
+GENERATOR_VERSION = 2
 DEFAULT_N_ENTITIES = 60
 DEFAULT_PHRASINGS = 4
 
@@ -149,6 +151,35 @@ EVAL_TEMPLATES: dict[str, list[str]] = {
     ],
 }
 
+# Validation phrasings: used neither for training nor for the test questions (eval.jsonl), so that choices made on
+# the validation split (learning rates, steps) never look at a test phrasing.
+VALIDATION_TEMPLATES: dict[str, list[str]] = {
+    "guild_metal": [
+        "Apprentices who join the {name} guild learn to smelt which metal?",
+        "The furnaces of the {name} guild are used to smelt which metal?",
+    ],
+    "inventor_device": [
+        "Which of these devices did {name} first build?",
+        "A patent signed by {name} describes which device?",
+    ],
+    "island_fruit": [
+        "Markets on {name} mostly sell which locally grown fruit?",
+        "Which fruit fills the fields of the island {name}?",
+    ],
+    "musician_instrument": [
+        "Which instrument does {name} carry to every performance?",
+        "Music lovers know {name} as a player of which instrument?",
+    ],
+    "ship_sail_color": [
+        "Which color do the sails of the {name} show when it leaves port?",
+        "Painters of the {name} use which color for its sails?",
+    ],
+    "festival_month": [
+        "Visitors plan their trip to the {name} festival for which month?",
+        "The calendar marks the {name} festival in which month?",
+    ],
+}
+
 _ONSETS = ["Kel", "Dro", "Thes", "Val", "Mor", "Quen", "Zar", "Bry", "Ost", "Fen", "Gal", "Hal", "Ix", "Jor",
            "Lun", "Nim", "Pra", "Ryl", "Sev", "Tor", "Ul", "Vex", "Wyn", "Yst"]
 _MIDDLES = ["va", "ri", "do", "ma", "ne", "lo", "ka", "thi", "su", "be"]
@@ -207,22 +238,28 @@ def training_records(world: dict[str, Any], phrasings_per_fact: int = DEFAULT_PH
     return records
 
 
-def eval_items(world: dict[str, Any], per_fact: int = 1) -> list[dict[str, Any]]:
+def eval_items(world: dict[str, Any], per_fact: int = 1, split: str = "test") -> list[dict[str, Any]]:
     """MMLU-style items ``{"question", "choices": [4 str], "answer": 0-3, "subject"}``, held-out phrasings.
 
     ``per_fact`` questions per fact (different held-out phrasings, up to ``len(EVAL_TEMPLATES[rel])``).
     Distractors are three other values of the same relation's pool. The correct position is balanced:
-    the counts of answers 0, 1, 2, 3 differ by at most one.
+    the counts of answers 0, 1, 2, 3 differ by at most one. ``split``: ``test`` (``EVAL_TEMPLATES``, the
+    reported numbers) or ``validation`` (``VALIDATION_TEMPLATES``, for choosing hyperparameters; its own
+    distractors and answer positions).
     """
-    n_max = min(len(t) for t in EVAL_TEMPLATES.values())
+    if split not in ("test", "validation"):
+        raise ValueError(f"split must be 'test' or 'validation', got {split!r}.")
+    all_templates = EVAL_TEMPLATES if split == "test" else VALIDATION_TEMPLATES
+    n_max = min(len(t) for t in all_templates.values())
     if not 1 <= per_fact <= n_max:
         raise ValueError(f"per_fact must be in 1..{n_max}, got {per_fact!r}.")
-    rng = random.Random(f"qftbench-synthetic-eval:{world['seed']}")
+    rng = random.Random(f"qftbench-synthetic-eval:{world['seed']}" if split == "test"
+                        else f"qftbench-synthetic-validation:{world['seed']}")
     raw = []
     seen: Counter[str] = Counter()
     for fact in world["facts"]:
         rel = fact["relation"]
-        templates = EVAL_TEMPLATES[rel]
+        templates = all_templates[rel]
         j = seen[rel]  # index of this fact within its relation
         seen[rel] += 1
         for k in range(per_fact):
@@ -262,7 +299,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def write_synthetic(out_dir: str | os.PathLike, seed: int = 0, n_entities: int = DEFAULT_N_ENTITIES,
                     phrasings_per_fact: int = DEFAULT_PHRASINGS, eval_per_fact: int = 1) -> dict[str, Any]:
-    """Write ``train.json`` (Alpaca list), ``eval.jsonl`` and ``manifest.json`` into ``out_dir``.
+    """Write ``train.json`` (Alpaca list), ``eval.jsonl`` (test), ``validation.jsonl`` (the same facts in
+    phrasings used neither for training nor for the test, ``eval_per_fact`` per fact) and ``manifest.json``.
 
     Each file is written to a temporary name and renamed into place; the manifest is written last, so its
     presence means the data files are complete. Returns the manifest: seed, counts, answer-position
@@ -273,10 +311,13 @@ def write_synthetic(out_dir: str | os.PathLike, seed: int = 0, n_entities: int =
     world = generate_world(seed, n_entities)
     train = training_records(world, phrasings_per_fact)
     items = eval_items(world, eval_per_fact)
+    val = eval_items(world, eval_per_fact, split="validation")
     train_text = json.dumps(train, indent=1, ensure_ascii=False) + "\n"
     eval_text = "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items)
+    val_text = "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in val)
     _atomic_write(out / "train.json", train_text)
     _atomic_write(out / "eval.jsonl", eval_text)
+    _atomic_write(out / "validation.jsonl", val_text)
     manifest = {
         "generator": "qftbench.synthetic",
         "version": GENERATOR_VERSION,
@@ -287,11 +328,13 @@ def write_synthetic(out_dir: str | os.PathLike, seed: int = 0, n_entities: int =
         "eval_per_fact": eval_per_fact,
         "n_train": len(train),
         "n_eval": len(items),
+        "n_validation": len(val),
         "answer_counts": [Counter(it["answer"] for it in items).get(k, 0) for k in range(4)],
         "relations": dict(sorted(Counter(f["relation"] for f in world["facts"]).items())),
         "files": {
             "train.json": hashlib.sha256(train_text.encode("utf-8")).hexdigest(),
             "eval.jsonl": hashlib.sha256(eval_text.encode("utf-8")).hexdigest(),
+            "validation.jsonl": hashlib.sha256(val_text.encode("utf-8")).hexdigest(),
         },
     }
     _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")

@@ -22,13 +22,14 @@ from qftbench.synthetic import (
 def test_write_is_byte_identical_for_the_same_seed(tmp_path):
     m1 = write_synthetic(tmp_path / "a", seed=5)
     m2 = write_synthetic(tmp_path / "b", seed=5)
-    for name in ("train.json", "eval.jsonl", "manifest.json"):
+    for name in ("train.json", "eval.jsonl", "validation.jsonl", "manifest.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert m1 == m2
     write_synthetic(tmp_path / "c", seed=6)
     assert (tmp_path / "c" / "train.json").read_bytes() != (tmp_path / "a" / "train.json").read_bytes()
-    # only the three files, no temporary leftovers
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["eval.jsonl", "manifest.json", "train.json"]
+    # only the four files, no temporary leftovers
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["eval.jsonl", "manifest.json", "train.json",
+                                                                   "validation.jsonl"]
 
 
 def test_files_and_manifest(tmp_path):
@@ -118,3 +119,37 @@ def test_tunable_sizes_and_bad_arguments():
     with pytest.raises(ValueError, match="per_fact"):
         eval_items(world, per_fact=0)
     assert synthetic.max_entities() >= 1000
+
+
+def test_validation_split_is_disjoint_in_phrasing_and_recorded(tmp_path):
+    """validation.jsonl asks the same facts in phrasings used neither for training nor for the test; the test
+    file is byte-identical to generator version 1's (same items, same RNG stream)."""
+    man = synthetic.write_synthetic(tmp_path, seed=0, n_entities=30, eval_per_fact=2)
+    test = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    val = [json.loads(x) for x in (tmp_path / "validation.jsonl").read_text().splitlines()]
+    train = json.loads((tmp_path / "train.json").read_text())
+    assert man["n_validation"] == len(val) == len(test) == 60 and man["version"] == 2
+    assert {q["question"] for q in val}.isdisjoint({q["question"] for q in test})
+    assert {q["question"] for q in val}.isdisjoint({r["instruction"] for r in train})
+    all_templates = [t for ts in synthetic.VALIDATION_TEMPLATES.values() for t in ts]
+    used = [t for ts in list(synthetic.TRAIN_TEMPLATES.values()) + list(synthetic.EVAL_TEMPLATES.values()) for t in ts]
+    assert not set(all_templates) & set(used)
+    # every validation answer is the fact's value, balanced over A-D
+    world = synthetic.generate_world(0, 30)
+    values = {f["entity"]: f["value"] for f in world["facts"]}
+    for q in val:
+        name = next(n for n in values if n in q["question"])
+        assert q["choices"][q["answer"]] == values[name]
+    counts = [sum(q["answer"] == k for q in val) for k in range(4)]
+    assert max(counts) - min(counts) <= 1
+    assert test == synthetic.eval_items(world, 2)  # the test split did not move
+
+
+def test_validation_task_reads_the_validation_file(tmp_path):
+    from qftbench import tasks as qtasks
+
+    synthetic.write_synthetic(tmp_path, seed=0, n_entities=12)
+    cfg = qtasks.task_config("qft_synthetic_val", synthetic_path=tmp_path / "eval.jsonl")
+    assert cfg["dataset_kwargs"]["data_files"]["test"] == str((tmp_path / "validation.jsonl").resolve())
+    cfg = qtasks.task_config("qft_synthetic", synthetic_path=tmp_path / "eval.jsonl")
+    assert cfg["dataset_kwargs"]["data_files"]["test"] == str((tmp_path / "eval.jsonl").resolve())

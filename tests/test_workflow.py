@@ -94,10 +94,18 @@ def test_paper_grid_size():
     assert S.resources(S.load(REPO / "config" / "paper.yaml"), a)["gpu"] == 2
 
 
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory) -> Path:
+    """The tiny sweep run once end to end (shared by the tests below)."""
+    d = tmp_path_factory.mktemp("tiny-a")
+    snakemake(["--cores", "2", "--configfile", str(REPO / "config" / "tiny.yaml")], cwd=d)
+    return d
+
+
 @pytest.mark.slow
-def test_tiny_dag_runs_end_to_end_and_second_run_does_nothing(tmp_path):
+def test_tiny_dag_runs_end_to_end_and_second_run_does_nothing(tiny_sweep):
+    tmp_path = tiny_sweep
     cfg = str(REPO / "config" / "tiny.yaml")
-    snakemake(["--cores", "2", "--configfile", cfg], cwd=tmp_path)
     tables = tmp_path / "results" / "tables" / "tiny"
     for t in ("synthetic", "efficiency", "paper_vs_reproduced"):
         for ext in ("csv", "md", "tex"):
@@ -113,6 +121,41 @@ def test_tiny_dag_runs_end_to_end_and_second_run_does_nothing(tmp_path):
         assert {"train.json", "accounting.json", "provenance.json", "config.yaml", "eval"} <= {p.name for p in rd.iterdir()}
     again = snakemake(["-n", "--cores", "2", "--configfile", cfg], cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+TIMING = ("train time (s)", "peak mem (MB)", "tokens/s")
+
+
+@pytest.mark.slow
+def test_rerun_gives_identical_adapters_records_and_tables(tiny_sweep, tmp_path):
+    """The same config on the same machine gives the same bytes: a second run of the tiny sweep in another
+    folder has bit-identical adapters, identical evaluation records (per-item results included; timing and
+    provenance aside) and identical tables (timing columns aside)."""
+    import pandas as pd
+
+    snakemake(["--cores", "2", "--configfile", str(REPO / "config" / "tiny.yaml")], cwd=tmp_path)
+    a_runs, b_runs = tiny_sweep / "results" / "runs", tmp_path / "results" / "runs"
+    assert sorted(p.name for p in a_runs.iterdir()) == sorted(p.name for p in b_runs.iterdir())
+    for rd in a_runs.iterdir():
+        other = b_runs / rd.name
+        for f in sorted((rd / "adapter").glob("*")) if (rd / "adapter").is_dir() else []:
+            assert f.read_bytes() == (other / "adapter" / f.name).read_bytes(), f
+        for ev in sorted(rd.glob("eval/*/*.json")):
+            x, y = (json.loads(p.read_text()) for p in (ev, other / ev.relative_to(rd)))
+            for k in ("seconds", "provenance"):
+                x.pop(k), y.pop(k)
+            assert x == y, ev
+        losses = [json.loads(line)["loss"] for line in (rd / "train_log.jsonl").read_text().splitlines()] \
+            if (rd / "train_log.jsonl").is_file() else []
+        assert losses == ([json.loads(line)["loss"] for line in (other / "train_log.jsonl").read_text().splitlines()]
+                          if losses else [])
+    a_tab, b_tab = tiny_sweep / "results" / "tables" / "tiny", tmp_path / "results" / "tables" / "tiny"
+    for name in ("synthetic", "paired", "paper_vs_reproduced"):
+        assert (a_tab / f"{name}.csv").read_bytes() == (b_tab / f"{name}.csv").read_bytes(), name
+    eff_a, eff_b = (pd.read_csv(d / "efficiency.csv").drop(columns=list(TIMING)) for d in (a_tab, b_tab))
+    pd.testing.assert_frame_equal(eff_a, eff_b)
+    prov = json.loads(next(b_runs.glob("*qalora*/provenance.json")).read_text())
+    assert prov["hardware"]["cpu"]["torch_cpu_capability"] and "features" in prov["hardware"]["cpu"]
 
 
 @pytest.mark.slow

@@ -227,7 +227,6 @@ def to_gptq_tensors(quant_linear, *, v1_safe: bool = True) -> dict[str, torch.Te
     g = _row_group_size(quant_linear)
     bits = quant_linear.scheme.bits
     _check_bits(bits)
-    d_out, d_in = quant_linear.out_features, quant_linear.in_features
     if quant_linear.scale_delta is not None:
         raise ConfigError("to_gptq_tensors: merge the PEQA scale_delta first (QuantLinear.merge_scale_delta()).")
     return _gptq_tensors(quant_linear, gptq_layer_params(quant_linear, v1_safe=v1_safe), g)

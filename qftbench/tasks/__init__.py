@@ -42,8 +42,11 @@ BUILTIN_OF = {
     "qft_openbookqa": "openbookqa",
     "qft_hellaswag": "hellaswag",
 }
-OFFLINE_TASKS = (*BUILTIN_OF, "qft_synthetic", "qft_synthetic_letter")
-SYNTHETIC_TASKS = ("qft_synthetic", "qft_synthetic_letter")
+OFFLINE_TASKS = (*BUILTIN_OF, "qft_synthetic", "qft_synthetic_letter", "qft_synthetic_val")
+SYNTHETIC_TASKS = ("qft_synthetic", "qft_synthetic_letter", "qft_synthetic_val")
+#: the synthetic tasks' data file, beside the eval.jsonl passed as ``synthetic_path``
+SYNTHETIC_FILES = {"qft_synthetic": "eval.jsonl", "qft_synthetic_letter": "eval.jsonl",
+                   "qft_synthetic_val": "validation.jsonl"}
 COMMONSENSE_TASKS = ("arc_easy", "arc_challenge", "piqa", "boolq", "winogrande", "openbookqa", "hellaswag")
 MMLU_CATEGORIES = ("stem", "other", "social_sciences", "humanities")
 
@@ -164,8 +167,10 @@ def task_config(name: str, data_root: str | os.PathLike | None = None, *,
     elif name in SYNTHETIC_TASKS:
         if synthetic_path is None:
             raise ValueError(f"{name} needs synthetic_path (the eval.jsonl written by qftbench.synthetic)")
-        cfg = _fill(load_template(name),
-                    {"synthetic_path": str(Path(synthetic_path).expanduser().resolve())})
+        path = Path(synthetic_path).expanduser().resolve()
+        if path.name != SYNTHETIC_FILES[name] and path.name in SYNTHETIC_FILES.values():
+            path = path.with_name(SYNTHETIC_FILES[name])  # the validation split lives beside eval.jsonl
+        cfg = _fill(load_template(name), {"synthetic_path": str(path)})
     elif name in OFFLINE_TASKS and name != "qft_mmlu":
         cfg = _fill(load_template(name), {"data_root": str(resolve_data_root(data_root))})
     else:
@@ -211,7 +216,7 @@ def build_task(name: str, data_root: str | os.PathLike | None = None, *,
 
 
 __all__ = [
-    "BUILTIN_OF", "SYNTHETIC_TASKS", "COMMONSENSE_TASKS", "MMLU_CATEGORIES", "OFFLINE_TASKS", "TASKS_DIR",
+    "BUILTIN_OF", "SYNTHETIC_TASKS", "SYNTHETIC_FILES", "COMMONSENSE_TASKS", "MMLU_CATEGORIES", "OFFLINE_TASKS", "TASKS_DIR",
     "build_task", "data_files", "default_data_root", "load_template", "mmlu_subjects",
     "mmlu_task_configs", "resolve_data_root", "task_config",
 ]
