@@ -31,6 +31,62 @@ def _placeholder_figure(path_stem: Path, text: str) -> None:
     plt.close(fig)
 
 
+TABLE_NOTES = {
+    "mmlu": "MMLU accuracy (%), question-weighted average over the subjects of each category.",
+    "mmlu_subject_avg": "MMLU accuracy (%), every subject weighted equally.",
+    "commonsense": "Zero-shot accuracy (%) on the seven commonsense tasks and their plain mean.",
+    "synthetic": "Accuracy (%) on the synthetic world's held-out test phrasings (and its validation split).",
+    "efficiency": "Trainable parameters, FLOPs, deployed bits per parameter, training time and memory.",
+    "paired": ("Method vs method on the same items: difference with its paired 95% interval, sign-flip p-value, "
+               "verdict (inconclusive when the interval contains 0)."),
+    "paper_vs_reproduced": "Reproduced numbers beside the published ones.",
+    "lr_choice": "Validation accuracy per learning rate and the rate the protocol chose.",
+}
+CELLS_NOTE = ("Accuracy cells: mean over seeds [95% interval over items and seeds]; the header gives n items, "
+              "`seeds` the number of seeds.")
+
+
+def runs_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Provenance of every reported run: code, packages, hardware, seeds and timings (from provenance.json)."""
+    import json
+
+    rows = []
+    for run_id, run_dir in sorted(set(zip(df["run_id"], df["run_dir"]))):
+        try:
+            prov = json.loads((Path(run_dir) / "provenance.json").read_text())
+        except (OSError, ValueError):
+            prov = {}
+        git, ver, hw = prov.get("git") or {}, prov.get("versions") or {}, prov.get("hardware") or {}
+        cpu = hw.get("cpu") or {}
+        rows.append({"run": run_id, "seed": prov.get("seed"),
+                     "git commit": (git.get("commit") or "")[:10] + (" (dirty)" if git.get("dirty") else ""),
+                     "torch": ver.get("torch"), "transformers": ver.get("transformers"),
+                     "lm_eval": ver.get("lm_eval"), "peft": ver.get("peft"), "bitsandbytes": ver.get("bitsandbytes"),
+                     "host": hw.get("host"), "cpu": cpu.get("model"), "torch cpu capability":
+                         cpu.get("torch_cpu_capability"), "cuda": hw.get("cuda"),
+                     "finetune s": round(prov["finetune_seconds"], 1) if prov.get("finetune_seconds") else None})
+    return pd.DataFrame(rows)
+
+
+def html_page(tabs: dict, runs: pd.DataFrame, name: str) -> str:
+    """One self-contained HTML page with every table and the runs' provenance (for ``snakemake --report``)."""
+    import html
+
+    parts = [f"<html><head><meta charset='utf-8'><title>qftbench: {html.escape(name)}</title>"
+             "<style>body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left} h2{margin-top:1.6em}</style></head><body>",
+             f"<h1>qftbench sweep <code>{html.escape(name)}</code></h1><p>{html.escape(CELLS_NOTE)}</p>"]
+    for t, frame in tabs.items():
+        parts.append(f"<h2 id='{html.escape(t)}'>{html.escape(t)}</h2>")
+        if t in TABLE_NOTES:
+            parts.append(f"<p>{html.escape(TABLE_NOTES[t])}</p>")
+        parts.append(report.display_frame(frame).to_html(index=False, escape=True, border=0))
+    parts.append("<h2 id='runs'>runs and provenance</h2>")
+    parts.append(runs.to_html(index=False, escape=True, border=0, na_rep=""))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
 def report_step(results: str | os.PathLike, run_ids: list[str], tables_dir: str | os.PathLike,
                 figures_dir: str | os.PathLike, name: str = "sweep", expect: list[str] | None = None) -> dict:
     df = report.collect(results)
@@ -42,6 +98,9 @@ def report_step(results: str | os.PathLike, run_ids: list[str], tables_dir: str 
             tabs[t] = pd.DataFrame({"note": [f"no {t} results in sweep {name!r}"]})
     Path(tables_dir).mkdir(parents=True, exist_ok=True)
     written = report.write_tables(tabs, tables_dir)
+    index = Path(tables_dir) / "index.html"
+    report._atomic_write(index, html_page(tabs, runs_frame(df) if len(df) else pd.DataFrame(), name))
+    written.append(index)
     fig_dir = Path(figures_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
     figs = plots.make_figures(df, fig_dir) if len(df) else []

@@ -11,7 +11,15 @@ or ``python -m qftbench.report results results/report``.
 Values are accuracies in percent (as the papers print them). Runs that differ only in their seeds (the
 top-level ``seed``, ``method.seed``, ``data.seed``, ``calibration.seed``) share a ``config_id``; every table
 shows the mean over those seeds, with ``± std`` (sample standard deviation) where there are several.
-Only finished runs (``train.json`` present) are read.
+Only finished runs (``train.json`` present) are read. Each run's learning rate (``train.lr``) is a column
+(``lr``); the tables show it where it varies.
+
+**The learning-rate rule** (:func:`lr_choice_table`, table ``lr_choice``): within each configuration group that
+differs only in ``train.lr`` (same model, data, method, evaluation mode, bits, group size, rank, alpha and every
+other training setting), the chosen learning rate is the one with the highest mean accuracy over seeds on the
+synthetic **validation** split (``qft_synthetic_val``); equal means (within 1e-9 percentage points) go to the
+smaller learning rate. The test split (``qft_synthetic``) and every other task are never read by the rule. The
+un-tuned ``base`` is not trained and has no learning rate to choose.
 """
 from __future__ import annotations
 
@@ -39,15 +47,15 @@ MMLU_CATEGORIES = {"humanities": "humanities", "stem": "stem", "social_sciences"
 CATEGORY_ORDER = ("humanities", "stem", "social", "other", "avg")
 CATEGORY_LABELS = {"humanities": "Hums.", "stem": "STEM", "social": "Social", "other": "Other", "avg": "Avg."}
 
-RUN_COLUMNS = ["run_id", "model", "method", "data", "bits", "group_size", "rank", "seed"]
+RUN_COLUMNS = ["run_id", "model", "method", "data", "bits", "group_size", "rank", "lr", "seed"]
 EVAL_COLUMNS = ["mode", "task", "shots", "category", "metric", "value", "stderr", "n"]
-EXTRA_COLUMNS = ["alpha", "deploy_mode", "deploy_bits", "deploy_group_size", "config_id", "run_dir"]
+EXTRA_COLUMNS = ["alpha", "deploy_mode", "deploy_bits", "deploy_group_size", "config_id", "lr_group", "run_dir"]
 ACCOUNTING_COLUMNS = ["trainable_params", "adapter_flops_per_token", "train_flops_per_token", "train_flops_total",
                       "bits_per_param", "train_time_s", "peak_mem_mb", "tokens_per_s", "train_steps"]
 COLUMNS = RUN_COLUMNS + EVAL_COLUMNS + EXTRA_COLUMNS + ACCOUNTING_COLUMNS
 
 #: replicates (seeds) of one configuration are averaged over these keys
-GROUP_KEYS = ["model", "method", "data", "mode", "deploy_bits", "deploy_group_size", "rank", "alpha", "config_id",
+GROUP_KEYS = ["model", "method", "data", "mode", "deploy_bits", "deploy_group_size", "rank", "alpha", "lr", "config_id",
               "task", "shots", "category", "metric"]
 
 #: the paper's method name -> (suite method, evaluation mode); None: no counterpart in the suite. ``requant``
@@ -96,13 +104,30 @@ def _int_or_none(v):
     return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def config_id(cfg: Mapping) -> str:
-    """Hash of the training-relevant config with every seed removed: runs that differ only in seeds share it."""
+def _float_or_none(v):
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def fmt_lr(v) -> str:
+    """A learning rate as the tables print it (``0.002``, ``3.2e-05``); '' when missing."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return ""
+    return "" if math.isnan(f) else f"{f:g}"
+
+
+def config_id(cfg: Mapping, without_lr: bool = False) -> str:
+    """Hash of the training-relevant config with every seed removed: runs that differ only in seeds share it.
+    ``without_lr``: ``train.lr`` removed too (the ``lr_group`` column: runs that differ only in seeds and the
+    learning rate share it)."""
     c = {k: cfg.get(k) for k in ("model", "method", "data", "calibration", "train")}
     c = json.loads(json.dumps(c, default=str))
     for sec in ("method", "data", "calibration", "train"):
         if isinstance(c.get(sec), dict):
             c[sec].pop("seed", None)
+    if without_lr and isinstance(c.get("train"), dict):
+        c["train"].pop("lr", None)
     return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -229,10 +254,12 @@ def _run_info(rd: Path) -> dict | None:
         "bits": _int_or_none(m.get("bits")),
         "group_size": _int_or_none(m.get("group_size")),
         "rank": _int_or_none(m.get("rank")),
+        "lr": _float_or_none((cfg.get("train") or {}).get("lr")),
         "seed": _int_or_none(cfg.get("seed")),
         "alpha": float(m["alpha"]) if isinstance(m.get("alpha"), (int, float)) else None,
         "deploy_mode": acc.get("deploy") or DEPLOY_MODE.get(m.get("name"), ""),
         "config_id": config_id(cfg),
+        "lr_group": config_id(cfg, without_lr=True),
         "run_dir": str(rd.resolve()),
         "trainable_params": acc.get("trainable_params"),
         "adapter_flops_per_token": acc.get("adapter_flops_per_token"),
@@ -295,11 +322,11 @@ def collect(results_dir: str | os.PathLike) -> pd.DataFrame:
     for c in ("bits", "group_size", "rank", "seed", "shots", "n", "deploy_group_size", "trainable_params",
               "train_steps"):
         df[c] = df[c].astype("Int64")
-    for c in ("value", "stderr", "alpha", "adapter_flops_per_token", "train_flops_per_token", "train_flops_total",
+    for c in ("value", "stderr", "alpha", "lr", "adapter_flops_per_token", "train_flops_per_token", "train_flops_total",
               "bits_per_param", "train_time_s", "peak_mem_mb", "tokens_per_s"):
         df[c] = df[c].astype("float64")
     for c in ("run_id", "model", "method", "data", "mode", "task", "category", "metric", "deploy_mode",
-              "deploy_bits", "config_id", "run_dir"):
+              "deploy_bits", "config_id", "lr_group", "run_dir"):
         df[c] = df[c].astype(object).where(df[c].notna(), "").astype(str)
     return df
 
@@ -477,15 +504,28 @@ def fmt_ci(mean: float, lo: float, hi: float, std: float | None = None, digits: 
     return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-ROW_KEYS = ["model", "method", "mode", "data", "deploy_bits", "deploy_group_size", "rank"]
+ROW_KEYS = ["model", "method", "mode", "data", "deploy_bits", "deploy_group_size", "rank", "lr"]
 ROW_LABELS = {"deploy_bits": "bits", "deploy_group_size": "group"}
 
 
+def _show_lr(t: pd.DataFrame) -> pd.DataFrame:
+    """The ``lr`` column printed (:func:`fmt_lr`) where it varies within the table, else dropped."""
+    if "lr" not in t:
+        return t
+    t = t.copy()
+    t["lr"] = [fmt_lr(v) for v in t["lr"]]
+    return t.drop(columns="lr") if t["lr"].nunique() <= 1 else t
+
+
 def _wide(agg: pd.DataFrame, col_of, order: list[str], digits: int = 1) -> pd.DataFrame:
-    """Pivot aggregated rows to one row per configuration, one string cell per column ``col_of(row)``."""
+    """Pivot aggregated rows to one row per configuration, one string cell per column ``col_of(row)``. ``lr``
+    is a column only where it varies within the table; ``config`` (the config hash) only where two rows would
+    otherwise look the same."""
     if agg.empty:
-        return pd.DataFrame(columns=[ROW_LABELS.get(k, k) for k in ROW_KEYS] + order + ["seeds"])
+        return pd.DataFrame(columns=[ROW_LABELS.get(k, k) for k in ROW_KEYS if k != "lr"] + order + ["seeds"])
     agg = agg.copy()
+    if "lr" not in agg:
+        agg["lr"] = math.nan
     agg["col"] = [col_of(r) for r in agg.itertuples(index=False)]
     agg = agg[agg["col"].notna()]
     agg["cell"] = [fmt_ci(m, lo, hi, s, digits) for m, lo, hi, s in zip(agg["mean"], agg["ci_lo"], agg["ci_hi"],
@@ -510,7 +550,7 @@ def _wide(agg: pd.DataFrame, col_of, order: list[str], digits: int = 1) -> pd.Da
         wide = wide.rename(columns={"config_id": "config"})
     else:
         wide = wide.drop(columns="config_id")
-    wide = _sort_rows(wide)
+    wide = _sort_rows(_show_lr(wide))
     wide.columns.name = None
     return wide.rename(columns={**ROW_LABELS, **rename})
 
@@ -528,11 +568,12 @@ def _sort_rows(t: pd.DataFrame) -> pd.DataFrame:
                                       else len(MODE_ORDER)))
         if col.name in ("deploy_bits", "bits"):
             return col.map(lambda b: -float(str(b).split("+")[0]) if str(b) not in ("", "<NA>") else 0.0)
-        if col.name in ("rank", "deploy_group_size", "group", "group_size"):
+        if col.name in ("rank", "deploy_group_size", "group", "group_size", "lr"):
             return col.map(lambda v: float(v) if str(v) not in ("", "<NA>", "nan") else -1.0)
         return col.astype(str)
 
-    cols = [c for c in ("model", "data", "method", "mode", "deploy_bits", "deploy_group_size", "rank") if c in t]
+    cols = [c for c in ("model", "data", "method", "mode", "deploy_bits", "deploy_group_size", "rank", "lr")
+            if c in t]
     return t.sort_values(cols, key=key, kind="stable").reset_index(drop=True)
 
 
@@ -583,8 +624,10 @@ def _fmt_sci(v: float) -> str:
 
 
 def _efficiency_table(df: pd.DataFrame) -> pd.DataFrame:
-    keys = ["model", "method", "data", "bits", "group_size", "rank", "alpha", "config_id"]
+    keys = ["model", "method", "data", "bits", "group_size", "rank", "alpha", "lr", "config_id"]
     cols = list(EFFICIENCY_LABELS)
+    if "lr" not in df:
+        df = df.assign(lr=math.nan)
     runs = df.drop_duplicates("run_id")[keys + ["seed"] + cols]
     if runs.empty:
         return pd.DataFrame(columns=["model", "method", "data", "bits", "group", "rank"]
@@ -608,8 +651,9 @@ def _efficiency_table(df: pd.DataFrame) -> pd.DataFrame:
                 cells.append(fmt_pm(m, s if k > 1 else None, 1))
         out[EFFICIENCY_LABELS[c]] = cells
     out["seeds"] = g["seed"].nunique().to_numpy()
-    out = _sort_rows(out)
-    if out.duplicated(["model", "method", "data", "bits", "group_size", "rank", "alpha"]).any():
+    out = _sort_rows(_show_lr(out))
+    if out.duplicated([c for c in ("model", "method", "data", "bits", "group_size", "rank", "alpha", "lr")
+                       if c in out]).any():
         out = out.rename(columns={"config_id": "config"})
     else:
         out = out.drop(columns="config_id")
@@ -759,7 +803,10 @@ def paired_table(agg: pd.DataFrame) -> pd.DataFrame:
     if agg.empty or "run_dirs" not in agg:
         return pd.DataFrame(columns=cols)
     a = agg[[(t, c, m) in set(PAIRED_CELLS) for t, c, m in zip(agg["task"], agg["category"], agg["metric"])]]
-    a = a[a["run_dirs"].map(bool)]
+    # (.astype(bool): an empty object mask would select columns, leaving a frame without any)
+    a = a[a["run_dirs"].map(bool).astype(bool)]
+    if a.empty:  # no pairable cell (e.g. a sweep that evaluates only the validation split)
+        return pd.DataFrame(columns=cols)
     deploy = {}
     for r in a.itertuples(index=False):  # a method's own deployment mode: the one that is not requant/base
         deploy.setdefault(r.method, set()).add(r.mode)
@@ -769,9 +816,14 @@ def paired_table(agg: pd.DataFrame) -> pd.DataFrame:
         native = [m for m in modes if mode_family(m) not in ("requant",)]
         return mode in native if native else True
 
+    # the learning rate in a label only where one method ran several (an lr grid)
+    several_lr = {m for m, lrs in a.groupby("method")["lr"].agg(lambda x: x.dropna().nunique()).items()
+                  if lrs > 1} if "lr" in a else set()
+
     def label(r):
         rank = "" if pd.isna(r.rank) or str(r.rank) in ("", "<NA>") else f" r{int(r.rank)}"
-        return f"{r.method}{rank} [{r.mode}]"
+        lr = f" lr={fmt_lr(r.lr)}" if r.method in several_lr else ""
+        return f"{r.method}{rank}{lr} [{r.mode}]"
 
     out = []
     for (model, data, task, shots, metric), grp in a.groupby(["model", "data", "task", "shots", "metric"],
@@ -816,12 +868,82 @@ def paired_table(agg: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, columns=cols)
 
 
+#: the task the learning-rate rule reads (the synthetic validation split); never the test task ``synthetic``
+LR_CHOICE_TASK = "synthetic_val"
+#: runs that differ only in these keys' values are one configuration group of :func:`lr_choice_table`;
+#: ``lr_group`` (the config hash without seeds and train.lr) keeps apart groups that differ in anything else
+LR_GROUP_KEYS = ["model", "data", "method", "mode", "deploy_bits", "deploy_group_size", "rank", "alpha", "lr_group",
+                 "shots"]
+#: two mean accuracies (percent) closer than this are equal for the rule
+LR_TIE_TOL = 1e-9
+LR_CHOICE_COLUMNS = ["model", "data", "method", "mode", "bits", "group", "rank", "lr", "validation acc (%)",
+                     "ci_lo", "ci_hi", "n items", "seeds", "chosen"]
+
+
+def choose_lr(scores: Mapping[float, float]) -> float:
+    """The learning-rate rule: of ``{lr: mean validation accuracy}``, the lr with the highest mean; equal means
+    (within :data:`LR_TIE_TOL`) go to the smaller lr."""
+    if not scores:
+        raise ValueError("no learning rate to choose from")
+    best = max(scores.values())
+    return min(lr for lr, acc in scores.items() if acc >= best - LR_TIE_TOL)
+
+
+def lr_choice_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The learning rate the rule picks for each configuration group, from the **validation** split only.
+
+    A configuration group is the runs that differ only in ``train.lr`` and the seeds: same model, data,
+    method, evaluation mode, bits, group size, rank, alpha and every other training setting (:data:`LR_GROUP_KEYS`).
+    One row per (group, lr): ``validation acc (%)`` -- the mean over seeds of the accuracy on
+    ``qft_synthetic_val`` (task ``synthetic_val``) --, its 95% interval over items and seeds (``ci_lo``,
+    ``ci_hi``, from :func:`aggregate`; empty without per-item records), ``n items`` and ``seeds``, and
+    ``chosen`` = ``yes`` on the lr the rule picks: the **highest mean validation accuracy; equal means go to
+    the smaller lr** (:func:`choose_lr`). No other task is read -- in particular never the test split
+    ``synthetic`` --, so the choice cannot look at a test item. ``base`` (never trained) has no row. ``alpha``
+    and ``shots`` are columns only where they vary, ``config`` (the group's hash) only where two groups would
+    otherwise look the same."""
+    empty = pd.DataFrame(columns=LR_CHOICE_COLUMNS)
+    if df.empty or "lr_group" not in df or "lr" not in df:
+        return empty
+    v = df[(df["task"] == LR_CHOICE_TASK) & (df["metric"] == "acc") & (df["category"] == "")
+           & (df["method"] != "base") & df["lr"].notna()]
+    if v.empty:
+        return empty
+    agg = aggregate(v, keys=GROUP_KEYS + ["lr_group"])
+    rows = []
+    for _, grp in agg.groupby(LR_GROUP_KEYS, dropna=False, sort=False):
+        scores = {float(r.lr): float(r.mean) for r in grp.itertuples(index=False)}
+        chosen = choose_lr(scores)
+        for r in grp.itertuples(index=False):
+            rows.append({"model": r.model, "data": r.data, "method": r.method, "mode": r.mode,
+                         "deploy_bits": r.deploy_bits, "deploy_group_size": r.deploy_group_size, "rank": r.rank,
+                         "alpha": r.alpha, "shots": r.shots, "config": r.lr_group, "lr": float(r.lr),
+                         "validation acc (%)": float(r.mean), "ci_lo": r.ci_lo, "ci_hi": r.ci_hi,
+                         "n items": r.n_items, "seeds": int(r.n_seeds),
+                         "chosen": "yes" if float(r.lr) == chosen else ""})
+    out = pd.DataFrame(rows)
+    out = _sort_rows(out).rename(columns={"deploy_bits": "bits", "deploy_group_size": "group"})
+    for c in ("group", "rank", "n items"):
+        out[c] = out[c].astype("Int64")
+    shown = ["model", "data", "method", "mode", "bits", "group", "rank"]
+    for c in ("alpha", "shots"):
+        if out[c].astype(str).nunique() > 1:
+            shown.append(c)
+    out["alpha"] = [f"{a:g}" if isinstance(a, float) and not math.isnan(a) else "" for a in out["alpha"]]
+    if out.duplicated(shown + ["lr"]).any():
+        shown.append("config")
+    out["lr"] = [fmt_lr(x) for x in out["lr"]]
+    return out[shown + LR_CHOICE_COLUMNS[LR_CHOICE_COLUMNS.index("lr"):]].reset_index(drop=True)
+
+
 def tables(df: pd.DataFrame, paper_csv: str | os.PathLike | None = None) -> dict[str, pd.DataFrame]:
     """The papers' tables from :func:`collect`'s frame.
 
     ``mmlu`` (question-weighted, ``acc_micro``) and ``mmlu_subject_avg`` (``acc_macro``): one row per
-    model x method x mode x data x bits x group x rank, columns ``<k>-shot Hums./STEM/Social/Other/Avg.``;
-    ``commonsense``: the seven tasks' acc and their plain mean; ``synthetic``: acc on qft_synthetic;
+    model x method x mode x data x bits x group x rank (x lr where the learning rate varies), columns
+    ``<k>-shot Hums./STEM/Social/Other/Avg.``; ``commonsense``: the seven tasks' acc and their plain mean;
+    ``synthetic``: acc on qft_synthetic (and on qft_synthetic_val); ``lr_choice``: the learning rate chosen on
+    the validation split (:func:`lr_choice_table`; only when some run evaluated qft_synthetic_val);
     ``efficiency``: accounting and training cost per configuration; ``paper_vs_reproduced``: see
     :func:`paper_vs_reproduced`. Cells are ``mean`` or ``mean ± std`` over seeds (percent, one decimal), and
     ``seeds`` counts the seeds. Tables with no data are left out; ``paper_vs_reproduced`` is left out when
@@ -833,6 +955,7 @@ def tables(df: pd.DataFrame, paper_csv: str | os.PathLike | None = None) -> dict
         "mmlu_subject_avg": _mmlu_table(agg, "acc_macro"),
         "commonsense": _commonsense_table(agg),
         "synthetic": _synthetic_table(agg),
+        "lr_choice": lr_choice_table(df),
         "efficiency": _efficiency_table(df),
         "paired": paired_table(agg),
     }

@@ -6,7 +6,7 @@ A sweep config (``config/default.yaml``, ``config/paper.yaml``, ...) has these k
     models:    [smollm2-135m]     # names, or {name, label, dtype, resources} entries
     data:      {synthetic: {source: synthetic}}          # label -> run-config data section
     methods:   [{name: qlora}, {name: qalora, bits: [4, 3, 2]}]   # a list value is a grid axis
-    grid:      {rank: [8, 16]}    # crossed with every method that has the hyperparameter
+    grid:      {rank: [8, 16], train.lr: [5.0e-4, 2.0e-3]}   # crossed with every method that has it
     seeds:     [0]
     run:       {train: ..., eval: ..., calibration: ..., paths: ...}   # defaults of every run config
     overrides: {method: {qalora: {train: {lr: 2.0e-5}}}, model: {llama-33b: {train: {lr: 1.0e-4}}},
@@ -16,6 +16,17 @@ A sweep config (``config/default.yaml``, ``config/paper.yaml``, ...) has these k
 
 :func:`expand` turns it into ``{run_id: resolved run config}``, each validated by :func:`qftbench.config.resolve`
 before any job starts; every error names the sweep key, the run and the fix.
+
+``grid`` axes. A plain key (``rank``, ``alpha``, ``bits``, ...) is a method hyperparameter: it is crossed with
+every method that has it and does not set it itself. A dotted key ``<section>.<key>`` is a run-config setting
+of a training section (``train.lr``, ``train.max_steps``, ``calibration.n_samples``, ...; see :data:`RUN_AXES`):
+it is crossed with every run, except that ``train.*`` axes are not crossed with ``base`` (the un-tuned model is
+never fine-tuned, so it keeps ``run.train``). Its value replaces ``run.<section>.<key>``. Precedence: a grid
+axis is never overridden silently -- when ``overrides.method``, ``overrides.model`` or a matching
+``overrides.match`` rule sets the same ``<section>.<key>`` for a run the axis applies to, :func:`expand` raises
+a :class:`ConfigError` naming both (a researcher who sweeps the learning rate expects every run to train at the
+grid's values; per-method rates belong in a sweep without the axis). Sweeps without dotted axes expand exactly
+as before (same runs, same run ids).
 """
 from __future__ import annotations
 
@@ -119,6 +130,52 @@ def _model_entries(sweep: dict) -> list[dict]:
     return out
 
 
+#: sections whose settings a dotted ``grid`` key may sweep: the training-relevant sections (they enter the run id;
+#: an axis over eval.* or paths.* would give several runs the same id). data comes from ``data:``, the seed from
+#: ``seeds:``, the model and method from ``models:``/``methods:``.
+RUN_AXES = ("train", "calibration")
+
+
+def _run_axes(grid: dict, where: str) -> dict[tuple[str, str], list]:
+    """``{(section, key): values}`` of the grid's dotted keys, each checked against the run-config schema."""
+    out = {}
+    for name, values in grid.items():
+        if "." not in name:
+            continue
+        section, _, key = name.partition(".")
+        if section not in RUN_AXES:
+            if section in C.SCHEMA["properties"]:
+                why = {"eval": "evaluation settings do not change the run, so every value would map to the same "
+                               "run id; put one value in run.eval, or use one sweep per setting",
+                       "paths": "paths do not change the run; set them in run.paths",
+                       "data": "the data are a sweep axis of their own; add entries to data:",
+                       "model": "the models are a sweep axis of their own; list them in models:",
+                       "method": "method hyperparameters are plain grid keys (grid: {rank: [8, 16]})",
+                       "seed": "the seeds are a sweep axis of their own; list them in seeds:"}.get(section, "")
+                raise ConfigError(f"{where}: grid.{name}: {section}.* is not a grid axis ({why}). Run-config "
+                                  f"axes may be in: {', '.join(RUN_AXES)}.")
+            raise ConfigError(f"{where}: unknown section {section!r} in grid key {name!r}."
+                              f"{did_you_mean(section, RUN_AXES)} A dotted grid key is <section>.<key> with "
+                              f"<section> one of {', '.join(RUN_AXES)} (e.g. train.lr).")
+        allowed = C.SCHEMA["properties"][section]["properties"]
+        if "." in key or key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r} in grid key {name!r}.{did_you_mean(key, allowed)} "
+                              f"Allowed keys in {section}: {', '.join(sorted(allowed))}.")
+        seen = set()
+        for v in values:
+            marker = repr(v)
+            if marker in seen:
+                raise ConfigError(f"{where}: grid.{name} lists {v!r} twice; remove the duplicate (each value is "
+                                  f"one run per method, model, data and seed).")
+            seen.add(marker)
+        out[(section, key)] = list(values)
+    return out
+
+
+def _sets(node: dict | None, section: str, key: str) -> bool:
+    return isinstance(node, dict) and isinstance(node.get(section), dict) and key in node[section]
+
+
 def _method_variants(entry: dict, grid: dict, where: str) -> list[dict]:
     import methods
 
@@ -143,7 +200,8 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
     errors = sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(sweep), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError(_explain(errors[0], where))
-    grid = sweep.get("grid", {})
+    grid = {k: v for k, v in sweep.get("grid", {}).items() if "." not in k}
+    run_axes = _run_axes(sweep.get("grid", {}), where)
     base = sweep.get("run", {})
     for k in base:
         if k not in C.SCHEMA["properties"] or k in ("model", "method", "data", "seed"):
@@ -184,25 +242,45 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
                     continue
                 if "data" in entry and data_label not in entry["data"]:
                     continue
-                for variant in _method_variants(entry, grid, where):
-                    for seed in sweep.get("seeds", [0]):
+                for variant0 in _method_variants(entry, grid, where):
+                    # the dotted grid axes of this method: train.* is not crossed with base (it is never trained)
+                    own = {sk: vs for sk, vs in run_axes.items()
+                           if not (sk[0] == "train" and variant0["name"] == "base")}
+                    # without dotted axes: one empty combo, so the runs (and their order) are those of before
+                    for combo, seed in itertools.product(itertools.product(*own.values()), sweep.get("seeds", [0])):
+                        variant = variant0
+                        setting = dict(zip(own, combo))
                         raw = copy.deepcopy(base)
+                        sources = [(f"overrides.method.{variant['name']}", ov.get("method", {}).get(variant["name"])),
+                                   (f"overrides.model.{model['label']}", ov.get("model", {}).get(model["label"]))]
                         raw = C._merge(raw, ov.get("method", {}).get(variant["name"], {}))
                         raw = C._merge(raw, ov.get("model", {}).get(model["label"], {}))
                         facts = {"method": variant["name"], "model": model["label"], "data": data_label,
                                  "bits": variant.get("bits"), "rank": variant.get("rank"), "seed": seed}
-                        for rule in ov.get("match", []):
+                        for j, rule in enumerate(ov.get("match", [])):
                             if all(facts[k] in v for k, v in rule["when"].items()):
+                                sources.append((f"overrides.match[{j}].set", rule["set"]))
                                 extra = copy.deepcopy(rule["set"])
                                 variant = {**variant, **extra.pop("method", {})}
                                 raw = C._merge(raw, extra)
+                        for (section, key), value in setting.items():
+                            for src, node in sources:
+                                if _sets(node, section, key):
+                                    raise ConfigError(
+                                        f"{where}: grid.{section}.{key} and {src} both set {section}.{key} for the "
+                                        f"run (model={model['label']}, data={data_label}, method={variant['name']}"
+                                        f", seed={seed}). A grid axis is never overridden: remove {section}.{key} "
+                                        f"from {src}, or drop grid.{section}.{key} and keep the per-run values.")
+                            raw.setdefault(section, {})
+                            raw[section] = {**raw[section], key: copy.deepcopy(value)}
                         raw["model"] = {"name": model["name"], **({"dtype": model["dtype"]} if "dtype" in model else {})}
                         if model["label"] != Path(model["name"]).name:
                             raw["model"]["label"] = model["label"]
                         raw["method"] = variant
                         raw["data"] = C._merge(raw.get("data", {}), data)
                         raw["seed"] = seed
-                        label = f"{where}: run (model={model['label']}, data={data_label}, method={variant})"
+                        label = (f"{where}: run (model={model['label']}, data={data_label}, method={variant}"
+                                 + "".join(f", {sec}.{k}={v!r}" for (sec, k), v in setting.items()) + ")")
                         cfg = C.resolve(raw, where=label)
                         _check_shapes(model, cfg, label)
                         cfg["sweep"] = {"name": sweep.get("name", "sweep"), "model_label": model["label"],
@@ -311,6 +389,8 @@ def expected_tables(sweep: dict, runs: dict[str, dict]) -> list[str]:
         out.append("commonsense")
     if tasks & {"synthetic", "synthetic_val"}:
         out.append("synthetic")
+    if "synthetic_val" in tasks:  # the learning-rate choice on the validation split (report.lr_choice_table)
+        out.append("lr_choice")
     return out + ["efficiency", "paired", "paper_vs_reproduced"]
 
 
@@ -386,7 +466,7 @@ def plan(sweep: dict, where: str = "sweep", gpu_tflops: float | None = None, mfu
         flops = acc.get("train_flops_per_token", 0) * tokens if "error" not in acc else None
         r = resources(sweep, cfg)
         rows.append({"run_id": rid, "model": label, "method": cfg["method"]["name"],
-                     "rank": cfg["method"].get("rank"), "bits": cfg["method"].get("bits"),
+                     "rank": cfg["method"].get("rank"), "bits": cfg["method"].get("bits"), "lr": cfg["train"]["lr"],
                      "data": cfg["sweep"]["data_label"], "seed": cfg["seed"], "steps": cfg["train"]["max_steps"],
                      "trainable_params": acc.get("trainable_params"), "train_tokens": tokens,
                      "train_flops": flops, "gpu_hours": flops / (tflops * 1e12 * mfu) / 3600 if flops else 0.0,
@@ -402,12 +482,13 @@ def plan(sweep: dict, where: str = "sweep", gpu_tflops: float | None = None, mfu
 
 def plan_text(sweep: dict, where: str = "sweep", **kw) -> str:
     p = plan(sweep, where, **kw)
-    lines = [f"{'run':70s} {'trainable':>12s} {'tokens':>10s} {'train FLOPs':>12s} {'GPU-h':>8s} {'gpus':>4s}"]
+    lines = [f"{'run':70s} {'trainable':>12s} {'tokens':>10s} {'train FLOPs':>12s} {'GPU-h':>8s} {'gpus':>4s} "
+             f"{'lr':>8s}"]
     for r in p["runs"]:
         tp = f"{r['trainable_params']:,}" if r["trainable_params"] is not None else "n/a"
         fl = f"{r['train_flops']:.3g}" if r["train_flops"] else ("n/a" if r["error"] else "0")
         lines.append(f"{r['run_id'][:70]:70s} {tp:>12s} {r['train_tokens']:>10,d} {fl:>12s} "
-                     f"{r['gpu_hours']:8.2f} {r['gpus']:>4d}")
+                     f"{r['gpu_hours']:8.2f} {r['gpus']:>4d} {r['lr']:>8g}")
     t = p["total"]
     lines.append("")
     lines.append(f"{t['runs']} runs, {t['evaluations']} evaluation jobs; training {t['train_flops']:.3g} FLOPs "

@@ -127,6 +127,29 @@ TIMING = ("train time (s)", "peak mem (MB)", "tokens/s")
 
 
 @pytest.mark.slow
+def test_snakemake_report_is_one_browsable_html_file(tiny_sweep):
+    """`snakemake --report` after the tiny sweep: one HTML file that embeds the tables page (accuracy with
+    intervals, paired comparisons, provenance of the runs) and the figures."""
+    import base64
+    import urllib.parse
+
+    out = tiny_sweep / "report.html"
+    snakemake(["--report", str(out), "--configfile", str(REPO / "config" / "tiny.yaml")], cwd=tiny_sweep)
+    text = out.read_text()
+    assert out.stat().st_size > 50_000 and "<html" in text.lower()
+    pages = []  # the embedded files (data URIs: base64 or percent-encoded)
+    for m in re.finditer(r"data:text/html(;charset=[\w-]+)?(;base64)?,([A-Za-z0-9+/=%._~!$&'()*,;:@-]+)", text):
+        pages.append(base64.b64decode(m.group(3)).decode("utf-8", "replace") if m.group(2)
+                     else urllib.parse.unquote(m.group(3)))
+    page = next((p for p in pages if "qftbench sweep" in p), None)
+    assert page is not None, f"tables page not embedded ({len(pages)} html data URIs)"
+    for anchor in ("synthetic", "paired", "efficiency", "runs"):
+        assert f"id='{anchor}'" in page, anchor
+    assert "qalora" in page and "git commit" in page and "torch cpu capability" in page
+    assert text.count("data:image/png") >= 3 or text.count("image/png") >= 3  # the figures
+
+
+@pytest.mark.slow
 def test_rerun_gives_identical_adapters_records_and_tables(tiny_sweep, tmp_path):
     """The same config on the same machine gives the same bytes: a second run of the tiny sweep in another
     folder has bit-identical adapters, identical evaluation records (per-item results included; timing and

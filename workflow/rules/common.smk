@@ -70,5 +70,6 @@ def res(rid, key, default=None):
 def all_targets():
     return (
         [f"{OUT['tables']}/{t}.{ext}" for t in TABLES for ext in ("csv", "md", "tex")]
+        + [f"{OUT['tables']}/index.html"]
         + [f"{OUT['figures']}/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")]
     )

@@ -7,7 +7,12 @@ rule report:
         trained=[f"{RESULTS}/runs/{rid}/train.json" for rid in RUNS],
     output:
         tables=[f"{OUT['tables']}/{t}.{ext}" for t in TABLES for ext in ("csv", "md", "tex")],
-        figures=[f"{OUT['figures']}/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")],
+        figures=[
+            report(f"{OUT['figures']}/{f}.png", caption="../report/figure.rst", category="Figures")
+            if ext == "png" else f"{OUT['figures']}/{f}.{ext}"
+            for f in FIGURES for ext in ("png", "pdf")
+        ],
+        html=report(f"{OUT['tables']}/index.html", caption="../report/tables.rst", category="Tables"),
     params:
         py=PY,
         runs=lambda w: ",".join(sorted(RUNS)),
