@@ -10,7 +10,9 @@ or ``python -m qftbench.report results results/report``.
 
 Values are accuracies in percent (as the papers print them). Runs that differ only in their seeds (the
 top-level ``seed``, ``method.seed``, ``data.seed``, ``calibration.seed``) share a ``config_id``; every table
-shows the mean over those seeds, with ``± std`` (sample standard deviation) where there are several.
+shows the mean over those seeds with its 95% interval over items and seeds (``mean [lo, hi]``, n items in the
+column header; :mod:`qftbench.stats`) where the runs stored per-item records, else ``± std`` (sample standard
+deviation) where there are several seeds.
 Only finished runs (``train.json`` present) are read. Each run's learning rate (``train.lr``) is a column
 (``lr``); the tables show it where it varies.
 
@@ -690,7 +692,8 @@ def paper_vs_reproduced(df: pd.DataFrame, paper_csv: str | os.PathLike | None = 
     trainable params) and matching published row; reproduced numbers that were not published keep an empty
     ``paper`` (several published rows for one number, e.g. QA-LoRA Table 1 and Table 5: one row each)."""
     cols = ["model", "method", "mode", "data", "bits", "group", "rank", "task", "shots", "category", "metric",
-            "paper", "reproduced", "std", "n_seeds", "diff", "paper_method", "paper_source", "paper_note"]
+            "paper", "reproduced", "ci_lo", "ci_hi", "n_items", "std", "n_seeds", "diff", "paper_method",
+            "paper_source", "paper_note"]
     if df.empty:
         return pd.DataFrame(columns=cols)
     head = df[(df["metric"].isin(["acc_micro", "acc_macro"]) & (df["task"] == "mmlu"))
@@ -738,7 +741,7 @@ def paper_vs_reproduced(df: pd.DataFrame, paper_csv: str | os.PathLike | None = 
         base = {"model": r.model, "method": r.method, "mode": r.mode, "data": r.data, "bits": r.deploy_bits,
                 "group": r.deploy_group_size, "rank": r.rank, "task": r.task, "shots": r.shots,
                 "category": r.category, "metric": r.metric, "reproduced": r.mean, "std": r.std,
-                "n_seeds": r.n_seeds}
+                "n_seeds": r.n_seeds, "ci_lo": r.ci_lo, "ci_hi": r.ci_hi, "n_items": r.n_items}
         for pr in matches or [None]:
             row = dict(base, paper=math.nan, paper_method="", paper_source="", paper_note="")
             if pr is not None:
@@ -749,7 +752,8 @@ def paper_vs_reproduced(df: pd.DataFrame, paper_csv: str | os.PathLike | None = 
             row["diff"] = row["reproduced"] - row["paper"]
             out.append(row)
     res = pd.DataFrame(out, columns=cols)
-    for c in ("paper", "reproduced", "std", "diff"):
+    res["n_items"] = res["n_items"].astype("Int64")
+    for c in ("paper", "reproduced", "ci_lo", "ci_hi", "std", "diff"):
         res[c] = res[c].astype("float64").round(2)
     res["n_seeds"] = res["n_seeds"].astype(int)
     for c in ("group", "rank", "shots"):
@@ -950,7 +954,8 @@ def tables(df: pd.DataFrame, paper_csv: str | os.PathLike | None = None) -> dict
     ``synthetic``: acc on qft_synthetic (and on qft_synthetic_val); ``lr_choice``: the learning rate chosen on
     the validation split (:func:`lr_choice_table`; only when some run evaluated qft_synthetic_val);
     ``efficiency``: accounting and training cost per configuration; ``paper_vs_reproduced``: see
-    :func:`paper_vs_reproduced`. Cells are ``mean`` or ``mean ± std`` over seeds (percent, one decimal), and
+    :func:`paper_vs_reproduced`. Cells are ``mean [lo, hi]`` (95% interval over items and seeds) where per-item
+    records exist, else ``mean`` or ``mean ± std`` over seeds (percent, one decimal), and
     ``seeds`` counts the seeds. Tables with no data are left out; ``paper_vs_reproduced`` is left out when
     ``paper_csv`` is False.
     """
