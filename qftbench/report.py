@@ -477,17 +477,29 @@ def strata_args(aligned: dict, keep: Mapping[str, list] | None = None) -> tuple[
 
 def cell_interval(row):
     """The interval of one aggregated row (a row of :func:`aggregate`, as a Series or an ``itertuples`` tuple)
-    over its runs' items and seeds, or None without item records."""
-    from . import stats
-
+    over its runs' items and seeds, or None without item records. Memoised per (runs, their eval files' mtimes,
+    cell): :func:`aggregate` is called by several tables and the figures on the same rows."""
     get = row.__getitem__ if isinstance(row, pd.Series) else (lambda k: getattr(row, k))
     mode, task, shots, category, metric = (get(k) for k in ("mode", "task", "shots", "category", "metric"))
-    cells = [cell_strata(run_items(rd, mode), task, shots, category, metric) for rd in (get("run_dirs") or ())]
+    if metric not in CI_METRICS or pd.isna(shots):
+        return None
+    run_dirs = tuple(get("run_dirs") or ())
+    stamp = tuple(tuple(sorted((p.name, p.stat().st_mtime_ns) for p in (Path(rd) / "eval" / mode).glob("*.json")))
+                  for rd in run_dirs)
+    return _cell_interval(run_dirs, stamp, str(mode), str(task), int(shots), str(category), str(metric),
+                          str(get("config_id")))
+
+
+@functools.lru_cache(maxsize=65536)
+def _cell_interval(run_dirs: tuple, stamp: tuple, mode, task, shots, category, metric, config_id):
+    from . import stats
+
+    cells = [cell_strata(run_items(rd, mode), task, shots, category, metric) for rd in run_dirs]
     aligned = seed_matrices(cells)
     if aligned is None:
         return None
     mats, weights = strata_args(aligned)
-    return stats.interval(mats, weights, key=(get("config_id"), mode, task, shots, category, metric))
+    return stats.interval(mats, weights, key=(config_id, mode, task, shots, category, metric))
 
 
 def fmt_pm(mean: float, std: float, digits: int = 1) -> str:
@@ -861,8 +873,8 @@ def paired_table(agg: pd.DataFrame) -> pd.DataFrame:
                         continue
                     mats_a, w = strata_args(ca, keep)
                     mats_b, _ = strata_args(cb, keep)
-                    res = stats.paired(mats_a, mats_b, w, key=(ra.config_id, ra.mode, rb.config_id, rb.mode,
-                                                               task, shots, metric))
+                    res = stats.paired(mats_a, mats_b, w, key=(str(ra.config_id), str(ra.mode), str(rb.config_id),
+                                                               str(rb.mode), str(task), int(shots), str(metric)))
                     verdict = (("A > B" if res.lo > 0 else "A < B") if res.distinguishable and res.p < ALPHA
                                else "inconclusive")
                     out.append({"model": model, "data": data, "task": task, "shots": shots, "metric": metric,

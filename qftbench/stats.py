@@ -33,7 +33,8 @@ LEVEL = 0.95
 
 
 def seed_of(*key) -> int:
-    """A stable 64-bit seed from any key (sha256 of its repr): the same cell, the same draws, on any machine."""
+    """A stable 64-bit seed from a key (sha256 of its repr): the same cell, the same draws, on any machine. Keys
+    should hold plain str/int/float values: a numpy scalar's repr changes between numpy versions."""
     return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little")
 
 
