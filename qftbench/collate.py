@@ -38,7 +38,7 @@ TABLE_NOTES = {
     "synthetic": "Accuracy (%) on the synthetic world's held-out test phrasings (and its validation split).",
     "efficiency": "Trainable parameters, FLOPs, deployed bits per parameter, training time and memory.",
     "paired": ("Method vs method on the same items: difference with its paired 95% interval, sign-flip p-value, "
-               "verdict (inconclusive when the interval contains 0)."),
+               "verdict (A > B or A < B only when the interval excludes 0 and p < 0.05, else inconclusive)."),
     "paper_vs_reproduced": "Reproduced numbers beside the published ones.",
     "lr_choice": "Validation accuracy per learning rate and the rate the protocol chose.",
 }
