@@ -637,6 +637,9 @@ def _fmt_sci(v: float) -> str:
     return f"{int(round(v))}" if abs(v) < 1e6 else f"{v:.3g}"
 
 
+SCALING_LABEL = "scaling s=alpha/r"
+
+
 def _efficiency_table(df: pd.DataFrame) -> pd.DataFrame:
     keys = ["model", "method", "data", "bits", "group_size", "rank", "alpha", "lr", "config_id"]
     cols = list(EFFICIENCY_LABELS)
@@ -644,12 +647,20 @@ def _efficiency_table(df: pd.DataFrame) -> pd.DataFrame:
         df = df.assign(lr=math.nan)
     runs = df.drop_duplicates("run_id")[keys + ["seed"] + cols]
     if runs.empty:
-        return pd.DataFrame(columns=["model", "method", "data", "bits", "group", "rank"]
+        return pd.DataFrame(columns=["model", "method", "data", "bits", "group", "rank", SCALING_LABEL]
                             + list(EFFICIENCY_LABELS.values()) + ["seeds"])
     runs = runs.copy()
     runs[keys] = runs[keys].astype(object).where(runs[keys].notna(), "")
     g = runs.groupby(keys, sort=False)
     out = g.size().rename("seeds").reset_index()[keys]
+
+    def scaling(alpha, rank):  # s = alpha / nominal rank (METHODS.md); under Adam it scales a full H's update
+        try:                   # exactly as the learning rate does, so it belongs beside lr
+            return f"{float(alpha) / float(rank):g}"
+        except (TypeError, ValueError, ZeroDivisionError):
+            return ""
+
+    out[SCALING_LABEL] = [scaling(a, r) for a, r in zip(out["alpha"], out["rank"])]
     for c in cols:
         vals = runs[c].astype("float64")
         mean, std, n = vals.groupby([runs[k] for k in keys], sort=False).agg(["mean", "std", "count"]).T.to_numpy()

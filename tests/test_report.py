@@ -386,6 +386,7 @@ def test_efficiency_bits_are_the_deployed_format():
     eff = R._efficiency_table(df).set_index("method")
     assert eff.loc["qalora", "bits/param (deployed)"] == R.fmt_pm(qa["bits_per_param"], None, 2) == "5.43"
     assert eff.loc["qlora", "bits/param (deployed)"] == R.fmt_pm(ql["bits_per_param"], None, 2) == "4.59"
+    assert eff.loc["qalora", R.SCALING_LABEL] == "0.25"  # alpha 16 / nominal rank 64: the effective scaling
 
 
 # ------------------------------------------------------------------------------ intervals and paired tables
