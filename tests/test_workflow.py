@@ -140,9 +140,10 @@ def test_snakemake_report_is_one_browsable_html_file(tiny_sweep):
     text = out.read_text()
     assert out.stat().st_size > 50_000 and "<html" in text.lower()
     pages = []  # the embedded files (data URIs: base64 or percent-encoded)
-    for m in re.finditer(r"data:text/html(;charset=[\w-]+)?(;base64)?,([A-Za-z0-9+/=%._~!$&'()*,;:@-]+)", text):
-        pages.append(base64.b64decode(m.group(3)).decode("utf-8", "replace") if m.group(2)
-                     else urllib.parse.unquote(m.group(3)))
+    # e.g. data:text/html;charset=utf8;filename=index.html;base64,PGh0bWw+...
+    for m in re.finditer(r"data:text/html(?:;[\w.=-]+?)*?(;base64)?,([A-Za-z0-9+/=%._~!$&'()*;:@-]+)", text):
+        pages.append(base64.b64decode(m.group(2)).decode("utf-8", "replace") if m.group(1)
+                     else urllib.parse.unquote(m.group(2)))
     page = next((p for p in pages if "qftbench sweep" in p), None)
     assert page is not None, f"tables page not embedded ({len(pages)} html data URIs)"
     for anchor in ("synthetic", "paired", "efficiency", "runs"):
