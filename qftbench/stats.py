@@ -5,9 +5,12 @@ per-item correctness, averaged over training seeds. Each stratum is a 0/1 (or fr
 ``(seeds, items)``: the same items, evaluated once per seed.
 
 * :func:`interval` -- the mean and a 95% percentile interval of a **two-level bootstrap**: each replicate draws
-  the seeds with replacement, then the items of every stratum with replacement (the same items for every
-  drawn seed, since the items are shared), and recomputes the weighted mean. With one seed it is the ordinary
-  item bootstrap; with many items and one stratum it approaches the binomial (Wald) interval.
+  the seeds with replacement, then the items with replacement from the pool of all strata (the same items for
+  every drawn seed, since the items are shared), each item weighted by its stratum's weight over its stratum's
+  size, and recomputes the weighted mean (a ratio estimator; exact for the observed data). Items are not
+  resampled within each stratum: MMLU at one question per subject would then give an interval of width 0.
+  With one seed it is the ordinary item bootstrap; with many items and one stratum it approaches the binomial
+  (Wald) interval.
 * :func:`paired` -- the difference ``A - B`` of two configurations on the **same items**: replicates draw the
   seeds of A and of B independently and the items jointly (the pairing), giving a 95% interval; the p-value
   is a paired **sign-flip permutation test** on the per-item differences of the seed means (exact by
@@ -62,29 +65,37 @@ def _seed_draws(rng: np.random.Generator, s: int, boot: int) -> np.ndarray:
     return rng.multinomial(s, np.full(s, 1.0 / s), size=boot).astype(np.float64)
 
 
-def _boot_means(mats: list[np.ndarray], w: np.ndarray, seed_w: np.ndarray, item_w: list[np.ndarray]) -> np.ndarray:
-    """Replicates of the weighted mean, given seed multiplicities ``(B, S)`` and item multiplicities per stratum."""
-    s = mats[0].shape[0]
-    out = np.zeros(seed_w.shape[0])
-    for m, wk, iw in zip(mats, w, item_w, strict=True):
-        per_seed = iw @ m.T / m.shape[1]               # (B, S): each seed's mean over the drawn items
-        out += wk * (per_seed * seed_w).sum(axis=1) / s
-    return out
+def _pooled(mats: list[np.ndarray], w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All strata as one ``(seeds, items)`` matrix and per-item weights ``w_k / n_k``: the weighted mean of the
+    pooled items equals the weighted mean of the strata means exactly."""
+    return np.hstack(mats), np.concatenate([np.full(m.shape[1], wk / m.shape[1]) for m, wk in zip(mats, w)])
 
 
-CHUNK = 500  # replicates drawn at a time (bounds memory: CHUNK x items multiplicities per stratum)
+def _boot_means(x: np.ndarray, v: np.ndarray, seed_w: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Replicates of the weighted mean: item multiplicities ``counts (B, N)`` drawn from the pooled items (each
+    item keeps its weight ``v``, so a replicate is the ratio ``sum c v x / sum c v``), seed multiplicities
+    ``seed_w (B, S)``."""
+    cv = counts * v                                  # (B, N)
+    per_seed = (cv @ x.T) / cv.sum(axis=1, keepdims=True)   # (B, S): each seed's weighted mean over the draw
+    return (per_seed * seed_w).sum(axis=1) / x.shape[0]
+
+
+CHUNK = 500  # replicates drawn at a time (bounds memory: CHUNK x items multiplicities)
 
 
 def _replicates(rng: np.random.Generator, groups: list[list[np.ndarray]], w: np.ndarray, boot: int) -> np.ndarray:
-    """``(len(groups), boot)`` replicates of the weighted mean of each group of strata; the items are drawn once
-    per replicate and shared by every group (pairing), the seeds are drawn per group."""
+    """``(len(groups), boot)`` replicates of the weighted mean of each group of strata. The items are drawn from
+    the pool of all strata (not within each stratum: a stratum of one item would then never vary, and small
+    strata would understate the variance), once per replicate and shared by every group (pairing); the seeds are
+    drawn per group."""
     out = np.empty((len(groups), boot))
-    sizes = [m.shape[1] for m in groups[0]]
+    pooled = [_pooled(mats, w) for mats in groups]
+    n = pooled[0][0].shape[1]
     for start in range(0, boot, CHUNK):
         k = min(CHUNK, boot - start)
-        items = [_item_counts(rng, n, k) for n in sizes]
-        for g, mats in enumerate(groups):
-            out[g, start:start + k] = _boot_means(mats, w, _seed_draws(rng, mats[0].shape[0], k), items)
+        counts = _item_counts(rng, n, k)
+        for g, (x, v) in enumerate(pooled):
+            out[g, start:start + k] = _boot_means(x, v, _seed_draws(rng, x.shape[0], k), counts)
     return out
 
 

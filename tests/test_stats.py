@@ -88,3 +88,15 @@ def test_paired_interval_and_verdict():
     assert same.diff == 0 and same.p == 1.0 and not same.distinguishable
     with pytest.raises(ValueError, match="same items"):
         stats.paired([a], [b[:, :10]])
+
+
+def test_one_item_per_stratum_still_varies():
+    """MMLU at one question per subject: 57 strata of one item each. Resampling within strata would give a
+    zero-width interval; the pooled draw gives the question-level bootstrap (about the binomial interval)."""
+    rng = np.random.default_rng(7)
+    strata = [np.array([[float(x)]]) for x in (rng.random(57) < 0.3)]
+    micro = stats.interval(strata, [1] * 57, key="one-per-subject")
+    p = np.mean([s[0, 0] for s in strata])
+    half = 1.959964 * math.sqrt(p * (1 - p) / 57)
+    assert micro.mean == pytest.approx(p) and micro.hi - micro.lo > half  # clearly not degenerate
+    assert micro.hi - micro.lo == pytest.approx(2 * half, rel=0.25)

@@ -223,10 +223,14 @@ def test_real_task_dag_evaluates_mmlu_and_commonsense_end_to_end(tmp_path):
     tables = tmp_path / "results" / "tables" / "tiny-real"
     mmlu = pd.read_csv(tables / "mmlu.csv")
     assert sorted(mmlu["method"]) == ["base", "qalora"]
+    n_cat = {"Hums.": 13, "STEM": 19, "Social": 12, "Other": 13, "Avg.": 57}  # subjects per category, 1 each
     for shots in (0, 5):
-        for cat in ("Hums.", "STEM", "Social", "Other", "Avg."):
-            col = f"{shots}-shot {cat}"
+        for cat, n in n_cat.items():
+            col = f"{shots}-shot {cat} (n={n})"  # n items in the header, mean [95% interval] in the cell
             assert col in mmlu.columns and mmlu[col].notna().all(), (col, list(mmlu.columns))
+            for cell in mmlu[col]:
+                mean, lo, hi = map(float, re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", cell).groups())
+                assert lo <= mean <= hi and hi > lo  # one question per subject must not collapse the interval
     common = pd.read_csv(tables / "commonsense.csv")
     assert sorted(common["method"]) == ["base", "qalora"]
     for task in ("HellaSwag", "PIQA", "WinoGrande", "ARC-e", "ARC-c", "BoolQ", "OBQA"):
