@@ -196,10 +196,15 @@ def _read_json(p: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ collect
+def _shots(block: Mapping, file_shots: int) -> int:
+    """The few-shot count of one task or MMLU block of an eval file: its own ``num_fewshot`` when it records one,
+    else the file's (0 when the file records none either)."""
+    return block.get("num_fewshot") if isinstance(block.get("num_fewshot"), int) else file_shots
+
+
 def _eval_rows(res: Mapping, mode: str) -> list[dict]:
     """Long rows of one ``evaluate()`` output (values in percent)."""
-    file_shots = res.get("num_fewshot")
-    file_shots = file_shots if isinstance(file_shots, int) else 0
+    file_shots = _shots(res, 0)
     rows: list[dict] = []
 
     def add(task, shots, category, metric, value, stderr=None, n=None):
@@ -209,11 +214,11 @@ def _eval_rows(res: Mapping, mode: str) -> list[dict]:
                      "value": _pct(value), "stderr": _pct(stderr), "n": n})
 
     for task, r in (res.get("tasks") or {}).items():
-        shots = r.get("num_fewshot") if isinstance(r.get("num_fewshot"), int) else file_shots
+        shots = _shots(r, file_shots)
         for metric in ("acc", "acc_norm"):
             add(norm_task(task), shots, "", metric, r.get(metric), r.get(f"{metric}_stderr"), r.get("n"))
     for suite, block in (res.get("mmlu") or {}).items():
-        shots = block.get("num_fewshot") if isinstance(block.get("num_fewshot"), int) else file_shots
+        shots = _shots(block, file_shots)
         task = norm_task(suite)
         for metric in ("acc_micro", "acc_macro"):
             add(task, shots, "avg", metric, block.get(metric), block.get(f"{metric}_stderr"), block.get("n"))
@@ -372,18 +377,18 @@ def _file_items(path: str, mtime_ns: int) -> dict:
     from .evaluate import SUBJECT_TASK
 
     res = _read_json(Path(path))
-    file_shots = res.get("num_fewshot") if isinstance(res.get("num_fewshot"), int) else 0
+    file_shots = _shots(res, 0)
     out: dict = {}
     for leaf, cols in (res.get("items") or {}).items():
         m = SUBJECT_TASK.match(leaf)
         if m:
             block = (res.get("mmlu") or {}).get(m["suite"]) or {}
             task, stratum = norm_task(m["suite"]), m["subject"]
-            shots = block.get("num_fewshot") if isinstance(block.get("num_fewshot"), int) else file_shots
+            shots = _shots(block, file_shots)
         else:
             r = (res.get("tasks") or {}).get(leaf) or {}
             task = stratum = norm_task(leaf)
-            shots = r.get("num_fewshot") if isinstance(r.get("num_fewshot"), int) else file_shots
+            shots = _shots(r, file_shots)
         keys = cols.get("doc_hash") if all(cols.get("doc_hash") or [None]) else cols.get("doc_id")
         out.setdefault((task, shots), {})[stratum] = {"key": list(keys), "acc": cols.get("acc"),
                                                       "acc_norm": cols.get("acc_norm")}
@@ -490,12 +495,16 @@ def cell_interval(row):
                           str(get("config_id")))
 
 
+def aligned_cell(run_dirs, mode: str, task: str, shots, category: str, metric: str) -> dict | None:
+    """One cell's per-item records over the seeds' runs, aligned item by item (:func:`seed_matrices`)."""
+    return seed_matrices([cell_strata(run_items(rd, mode), task, shots, category, metric) for rd in run_dirs])
+
+
 @functools.lru_cache(maxsize=65536)
 def _cell_interval(run_dirs: tuple, stamp: tuple, mode, task, shots, category, metric, config_id):
     from . import stats
 
-    cells = [cell_strata(run_items(rd, mode), task, shots, category, metric) for rd in run_dirs]
-    aligned = seed_matrices(cells)
+    aligned = aligned_cell(run_dirs, mode, task, shots, category, metric)
     if aligned is None:
         return None
     mats, weights = strata_args(aligned)
@@ -870,10 +879,8 @@ def paired_table(agg: pd.DataFrame) -> pd.DataFrame:
                 for rb in rows_b:
                     if same_rank and ra.rank != rb.rank:
                         continue
-                    ca = seed_matrices([cell_strata(run_items(d, ra.mode), task, shots, ra.category, metric)
-                                        for d in ra.run_dirs])
-                    cb = seed_matrices([cell_strata(run_items(d, rb.mode), task, shots, rb.category, metric)
-                                        for d in rb.run_dirs])
+                    ca = aligned_cell(ra.run_dirs, ra.mode, task, shots, ra.category, metric)
+                    cb = aligned_cell(rb.run_dirs, rb.mode, task, shots, rb.category, metric)
                     if ca is None or cb is None or set(ca) != set(cb):
                         continue
                     keep = {}  # the items both evaluated, by their keys
