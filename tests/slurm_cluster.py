@@ -10,7 +10,8 @@
   ``cwd`` (Snakemake ignores SIGTERM while jobs run, hence the KILL after 10 s), returns the
   CompletedProcess with stdout+stderr merged in ``.stdout``, and keeps a copy in ``cwd/snakemake.out``.
 * ``submitted_jobs(output)`` / ``job_info(jobid)``: what the SLURM plugin submitted, and what SLURM says
-  about a job (``scontrol show job``; finished jobs stay visible for MinJobAge=300 s).
+  about a job (``scontrol show job`` while slurmctld still holds it, MinJobAge=300 s after it ends; then the
+  job-completion log).
 """
 from __future__ import annotations
 
@@ -145,15 +146,33 @@ def submitted_jobs(output: str) -> list[dict]:
     return jobs
 
 
-def job_info(jobid) -> dict[str, str]:
-    """`scontrol show job -o <id>` as a dict (JobState, ExitCode, TimeLimit, MinMemoryNode, WorkDir, ...)."""
-    r = subprocess.run(["timeout", "10", "scontrol", "show", "job", "-o", str(jobid)],
-                       capture_output=True, text=True, timeout=20)
-    if r.returncode != 0:
-        raise RuntimeError(f"scontrol show job {jobid} failed: {r.stderr.strip()}")
-    info = {}
-    for token in r.stdout.split():
+JOBCOMP = Path(os.environ.get("QFT_SLURM_DIR", "/tmp/qft-slurm")) / "log" / "jobcomp.txt"
+
+
+def _parse_tokens(text: str) -> dict[str, str]:
+    info: dict[str, str] = {}
+    for token in text.split():
         if "=" in token:
             k, v = token.split("=", 1)
             info.setdefault(k, v)
     return info
+
+
+def job_info(jobid) -> dict[str, str]:
+    """What SLURM knows about a job: JobState, ExitCode, TimeLimit, WorkDir, ...
+
+    First ``scontrol show job -o <id>``; slurmctld forgets a finished job MinJobAge (300 s) after it ends, so a
+    job that finished earlier in a long DAG is then read from the job-completion log that ci/slurm/start.sh
+    configures (``JobCompType=jobcomp/filetxt``, one ``JobId=.. JobState=..`` line per finished job).
+    """
+    r = subprocess.run(["timeout", "10", "scontrol", "show", "job", "-o", str(jobid)],
+                       capture_output=True, text=True, timeout=20)
+    if r.returncode == 0:
+        return _parse_tokens(r.stdout)
+    if JOBCOMP.is_file():
+        for line in reversed(JOBCOMP.read_text().splitlines()):
+            if line.startswith(f"JobId={jobid} "):
+                info = _parse_tokens(line)
+                info["source"] = str(JOBCOMP)
+                return info
+    raise RuntimeError(f"scontrol show job {jobid} failed ({r.stderr.strip()}) and {JOBCOMP} has no line for it")
