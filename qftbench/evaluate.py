@@ -433,7 +433,9 @@ def items_of(samples: Mapping[str, list[dict]]) -> dict[str, dict[str, list]]:
     """Per-item results of every leaf task, columnar and sorted by ``doc_id``: ``doc_id``, ``doc_hash`` (lm-eval's
     hash of the document, so that two evaluations can be checked to score the same items), ``target``, ``pred``
     (the choice with the highest log-likelihood; ``pred_norm`` by length-normalised log-likelihood where the task
-    reports ``acc_norm``), ``acc`` and ``acc_norm`` (0/1). Paired statistics between runs need exactly this."""
+    reports ``acc_norm``), ``acc`` and ``acc_norm`` (0/1), and ``cluster`` where the documents name one (the
+    synthetic task's ``fact``: questions about one fact are resampled together). Paired statistics between runs
+    need exactly this."""
     out: dict[str, dict[str, list]] = {}
     for task, rows in samples.items():
         if not rows:
@@ -450,6 +452,9 @@ def items_of(samples: Mapping[str, list[dict]]) -> dict[str, dict[str, list]]:
             except (TypeError, ValueError):  # not a log-likelihood task (e.g. generation): no prediction index
                 lls.append(None)
         cols["pred"] = [_argmax(v) if v else None for v in lls]
+        facts = [(r.get("doc") or {}).get("fact") if isinstance(r.get("doc"), dict) else None for r in rows]
+        if all(f is not None for f in facts):
+            cols["cluster"] = [int(f) for f in facts]
         for metric in ("acc", "acc_norm"):
             if all(metric in r for r in rows):
                 cols[metric] = [float(r[metric]) for r in rows]

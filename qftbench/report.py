@@ -391,7 +391,8 @@ def _file_items(path: str, mtime_ns: int) -> dict:
             shots = _shots(r, file_shots)
         keys = cols.get("doc_hash") if all(cols.get("doc_hash") or [None]) else cols.get("doc_id")
         out.setdefault((task, shots), {})[stratum] = {"key": list(keys), "acc": cols.get("acc"),
-                                                      "acc_norm": cols.get("acc_norm")}
+                                                      "acc_norm": cols.get("acc_norm"),
+                                                      "cluster": cols.get("cluster")}
     return out
 
 
@@ -436,15 +437,16 @@ def cell_strata(items: Mapping, task: str, shots, category: str, metric: str):
         return None
     if not strata or any(r is None or r.get("acc") is None for r in strata.values()):
         return None
-    recs = {k: {"key": r["key"], "values": r["acc"]} for k, r in sorted(strata.items())}
+    recs = {k: {"key": r["key"], "values": r["acc"], "cluster": r.get("cluster")} for k, r in sorted(strata.items())}
     weights = [len(r["key"]) for r in recs.values()] if weighted else [1.0] * len(recs)
     return recs, weights
 
 
 def seed_matrices(per_seed: list[tuple]) -> dict | None:
-    """Align the strata of several seeds' runs item by item: ``{stratum: (keys, matrix)}`` with one
-    ``(seeds, items)`` matrix per stratum over the items every seed evaluated (in the first seed's order), plus
-    ``"_weighted"``: whether the strata are weighted by their item counts. None without item records."""
+    """Align the strata of several seeds' runs item by item: ``{stratum: (keys, matrix, clusters)}`` with one
+    ``(seeds, items)`` matrix per stratum over the items every seed evaluated (in the first seed's order) and
+    each item's cluster (or None where the task records none; see :func:`strata_args`), plus ``"_weighted"``:
+    whether the strata are weighted by their item counts. None without item records."""
     import numpy as np
 
     if not per_seed or any(c is None for c in per_seed):
@@ -463,20 +465,48 @@ def seed_matrices(per_seed: list[tuple]) -> dict | None:
         for r in recs:
             pos = {k: i for i, k in enumerate(r["key"])}
             rows.append([r["values"][pos[k]] for k in order])
-        out[name] = (order, np.asarray(rows, dtype=np.float64))
+        cl = recs[0].get("cluster")
+        clusters = None
+        if cl is not None and all(c is not None for c in cl):
+            of = dict(zip(recs[0]["key"], cl))
+            clusters = [of[k] for k in order]
+        out[name] = (order, np.asarray(rows, dtype=np.float64), clusters)
     return out
+
+
+def _by_cluster(m, clusters):
+    """Columns of ``m`` averaged within each cluster (in first-appearance order) when every cluster has the same
+    number of items; ``m`` unchanged otherwise (unequal clusters would re-weight the items)."""
+    import numpy as np
+
+    if clusters is None:
+        return m
+    groups: dict = {}
+    for i, c in enumerate(clusters):
+        groups.setdefault(c, []).append(i)
+    if len(groups) == len(clusters) or len({len(g) for g in groups.values()}) != 1:
+        return m
+    return np.stack([m[:, g].mean(axis=1) for g in groups.values()], axis=1)
 
 
 def strata_args(aligned: dict, keep: Mapping[str, list] | None = None) -> tuple[list, list]:
     """``(matrices, weights)`` for :mod:`qftbench.stats` from :func:`seed_matrices`' output, restricted to the
-    item keys ``keep[stratum]`` (in that order) when given."""
-    mats = []
-    for name, (keys, m) in ((k, v) for k, v in aligned.items() if k != "_weighted"):
+    item keys ``keep[stratum]`` (in that order) when given.
+
+    Items of one cluster (the synthetic task's questions about one fact, in several held-out phrasings) are not
+    independent: a model that learned the fact tends to answer all of them. Each cluster is therefore one unit of
+    the bootstrap and of the paired test (its items' mean), so the interval is over facts, not phrasings."""
+    mats, weights = [], []
+    for name, (keys, m, clusters) in ((k, v) for k, v in aligned.items() if k != "_weighted"):
         if keep is not None:
             pos = {k: i for i, k in enumerate(keys)}
-            m = m[:, [pos[k] for k in keep[name]]]
-        mats.append(m)
-    weights = [m.shape[1] for m in mats] if aligned["_weighted"] else [1.0] * len(mats)
+            idx = [pos[k] for k in keep[name]]
+            m = m[:, idx]
+            clusters = None if clusters is None else [clusters[i] for i in idx]
+        weights.append(m.shape[1])
+        mats.append(_by_cluster(m, clusters))
+    if not aligned["_weighted"]:
+        weights = [1.0] * len(mats)
     return mats, weights
 
 

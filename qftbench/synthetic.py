@@ -47,8 +47,13 @@ __all__ = [
     "write_synthetic",
 ]
 
-#: 2: adds validation.jsonl (train.json and eval.jsonl are byte-identical to version 1's)
-GENERATOR_VERSION = 2
+#: 2: adds validation.jsonl (train.json and eval.jsonl are byte-identical to version 1's).
+#: 3: five held-out and five validation phrasings per relation (were two), so ``eval_per_fact`` goes up to 5; each
+#: question records its ``fact`` (the cluster of the uncertainty bootstrap). With ``eval_per_fact`` <= 2 the
+#: questions, choices and answers are those of version 2 (the phrasings rotate over the first two as before).
+GENERATOR_VERSION = 3
+#: the phrasings a fact's questions rotate over have at least this many (version 2 had two per relation)
+_MIN_ROTATION = 2
 DEFAULT_N_ENTITIES = 60
 DEFAULT_PHRASINGS = 4
 
@@ -128,26 +133,44 @@ EVAL_TEMPLATES: dict[str, list[str]] = {
     "guild_metal": [
         "Members of the {name} guild spend their days working with which metal?",
         "If you visited the forges of the {name} guild, which metal would you see being smelted?",
+        "Ingots stamped by the {name} guild are made of which metal?",
+        "A merchant buying from the {name} guild would be buying which metal?",
+        "The {name} guild's workshops produce bars of which metal?",
     ],
     "inventor_device": [
         "Historians credit {name} with inventing which of these devices?",
         "Which of these devices would a museum display as the work of {name}?",
+        "Which device appears in the notebooks of {name} as their own invention?",
+        "Schoolbooks name {name} as the person who invented which device?",
+        "The first working model of which device was made by {name}?",
     ],
     "island_fruit": [
         "The orchards of {name} are full of which fruit?",
         "A traveller returning from {name} would most likely bring back which fruit?",
+        "Farmers on {name} harvest which fruit every season?",
+        "Ships leaving {name} are loaded with crates of which fruit?",
+        "Which fruit is the island {name} famous for?",
     ],
     "musician_instrument": [
         "At concerts, {name} always performs on which instrument?",
         "If you heard {name} rehearsing, which instrument would you hear?",
+        "Audiences come to hear {name} play which instrument?",
+        "Recordings of {name} feature which instrument?",
+        "In the orchestra, {name} sits with which instrument?",
     ],
     "ship_sail_color": [
         "Sailors recognise the {name} from afar by its sails of which color?",
         "Looking at the {name} in the harbour, what color would its sails be?",
+        "The {name} raises sails of which color?",
+        "A lookout spotting the {name} would see sails of which color?",
+        "Which color are the canvases hoisted on the {name}?",
     ],
     "festival_month": [
         "To attend the {name} festival, in which month should you travel?",
         "People gather for the {name} festival during which month?",
+        "Every year the {name} festival comes around in which month?",
+        "Which month do townsfolk reserve for the {name} festival?",
+        "Posters for the {name} festival announce it for which month?",
     ],
 }
 
@@ -157,26 +180,44 @@ VALIDATION_TEMPLATES: dict[str, list[str]] = {
     "guild_metal": [
         "Apprentices who join the {name} guild learn to smelt which metal?",
         "The furnaces of the {name} guild are used to smelt which metal?",
+        "Coins cast by the {name} guild are made from which metal?",
+        "Which metal fills the storerooms of the {name} guild?",
+        "Smiths of the {name} guild are experts in which metal?",
     ],
     "inventor_device": [
         "Which of these devices did {name} first build?",
         "A patent signed by {name} describes which device?",
+        "Which device made {name} famous as an inventor?",
+        "Sketches by {name} show the design of which device?",
+        "Credit for inventing which device goes to {name}?",
     ],
     "island_fruit": [
         "Markets on {name} mostly sell which locally grown fruit?",
         "Which fruit fills the fields of the island {name}?",
+        "Which fruit do the people of {name} grow for export?",
+        "Trees on the island of {name} bear which fruit?",
+        "The harvest festival on {name} celebrates which fruit?",
     ],
     "musician_instrument": [
         "Which instrument does {name} carry to every performance?",
         "Music lovers know {name} as a player of which instrument?",
+        "Which instrument did {name} learn to master?",
+        "Posters of {name} show the musician holding which instrument?",
+        "Critics praise {name} for playing which instrument?",
     ],
     "ship_sail_color": [
         "Which color do the sails of the {name} show when it leaves port?",
         "Painters of the {name} use which color for its sails?",
+        "Which color of sails does the {name} fly?",
+        "From the shore, the {name} shows sails of which color?",
+        "The crew of the {name} hoists sails of which color?",
     ],
     "festival_month": [
         "Visitors plan their trip to the {name} festival for which month?",
         "The calendar marks the {name} festival in which month?",
+        "Which month is set aside each year for the {name} festival?",
+        "Travellers arrive for the {name} festival in which month?",
+        "The {name} festival opens in which month?",
     ],
 }
 
@@ -239,9 +280,10 @@ def training_records(world: dict[str, Any], phrasings_per_fact: int = DEFAULT_PH
 
 
 def eval_items(world: dict[str, Any], per_fact: int = 1, split: str = "test") -> list[dict[str, Any]]:
-    """MMLU-style items ``{"question", "choices": [4 str], "answer": 0-3, "subject"}``, held-out phrasings.
+    """MMLU-style items ``{"question", "choices": [4 str], "answer": 0-3, "subject", "fact"}``, held-out phrasings.
 
-    ``per_fact`` questions per fact (different held-out phrasings, up to ``len(EVAL_TEMPLATES[rel])``).
+    ``per_fact`` questions per fact (different held-out phrasings, up to ``len(EVAL_TEMPLATES[rel])``); ``fact``
+    is the fact's id, shared by its questions (they are not independent: the statistics resample facts).
     Distractors are three other values of the same relation's pool. The correct position is balanced:
     the counts of answers 0, 1, 2, 3 differ by at most one. ``split``: ``test`` (``EVAL_TEMPLATES``, the
     reported numbers) or ``validation`` (``VALIDATION_TEMPLATES``, for choosing hyperparameters; its own
@@ -263,8 +305,8 @@ def eval_items(world: dict[str, Any], per_fact: int = 1, split: str = "test") ->
         j = seen[rel]  # index of this fact within its relation
         seen[rel] += 1
         for k in range(per_fact):
-            # rotate the held-out phrasings over the relation's facts so all of them are used
-            template = templates[(j + k) % len(templates)]
+            # rotate over the relation's first max(per_fact, 2) phrasings (all five at per_fact 5)
+            template = templates[(j + k) % max(per_fact, _MIN_ROTATION)]
             distractors = rng.sample([v for v in RELATIONS[rel] if v != fact["value"]], 3)
             raw.append((fact, template, distractors))
     positions = [i % 4 for i in range(len(raw))]
@@ -278,6 +320,7 @@ def eval_items(world: dict[str, Any], per_fact: int = 1, split: str = "test") ->
             "choices": choices,
             "answer": pos,
             "subject": fact["relation"],
+            "fact": fact["id"],
         })
     return items
 

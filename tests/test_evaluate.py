@@ -60,7 +60,7 @@ def synthetic_jsonl(tmp_path):
     for i in range(16):
         docs.append({"question": f"Question number {i}: what is {i} plus {i + 3}?",
                      "choices": [str(2 * i + 3), str(2 * i + 2), str(i * 7 % 11), f"none of {i}"],
-                     "answer": (i * 3) % 4, "subject": SUBJECTS[i % 3]})
+                     "answer": (i * 3) % 4, "subject": SUBJECTS[i % 3], "fact": i // 2})
     path = tmp_path / "eval.jsonl"
     path.write_text("".join(json.dumps(d) + "\n" for d in docs))
     return path, docs
@@ -118,6 +118,7 @@ def test_synthetic_acc_is_argmax_of_loglikelihoods(model_and_tokenizer, syntheti
     assert items["target"] == [d["answer"] for d in docs]
     assert items["acc"] == [float(c) for c in correct]
     assert len(set(items["doc_hash"])) == len(docs) and all(items["doc_hash"])
+    assert items["cluster"] == [d["fact"] for d in docs]  # the document's fact: the unit of the bootstrap
 
     prov = out["provenance"]
     assert prov["lm_eval_version"].startswith("0.4")

@@ -100,3 +100,31 @@ def test_one_item_per_stratum_still_varies():
     half = 1.959964 * math.sqrt(p * (1 - p) / 57)
     assert micro.mean == pytest.approx(p) and micro.hi - micro.lo > half  # clearly not degenerate
     assert micro.hi - micro.lo == pytest.approx(2 * half, rel=0.25)
+
+
+def test_items_of_one_cluster_are_one_unit_of_the_bootstrap():
+    """report.strata_args averages the items of a cluster (the synthetic task's phrasings of one fact): the
+    interval of 30 facts asked 5 times each, every fact right or wrong in all 5 phrasings, is the interval of 30
+    items, not of 150; clusters of unequal size are left as items (averaging them would re-weight items)."""
+    from qftbench import report
+
+    facts = np.array([1.0] * 12 + [0.0] * 18)
+    per_item = np.repeat(facts, 5)[None, :]
+    keys = [f"k{i}" for i in range(150)]
+    clusters = [i // 5 for i in range(150)]
+    aligned = {"_weighted": False, "qft_synthetic": (keys, per_item, clusters)}
+    mats, w = report.strata_args(aligned)
+    assert mats[0].shape == (1, 30) and w == [1.0]
+    np.testing.assert_array_equal(mats[0][0], facts)
+    clustered = stats.interval(mats, w, key=("c",))
+    thirty = stats.interval([facts[None, :]], key=("c",))
+    unclustered = stats.interval([per_item], key=("c",))
+    assert (clustered.lo, clustered.hi) == (thirty.lo, thirty.hi)
+    assert clustered.hi - clustered.lo > 2 * (unclustered.hi - unclustered.lo) * 0.9  # ~sqrt(5) wider
+    # restricted to some items (a paired comparison's common items), clusters follow their items
+    keep = {"qft_synthetic": keys[:10]}
+    mats, _ = report.strata_args(aligned, keep)
+    assert mats[0].shape == (1, 2)
+    # unequal clusters: items stay items
+    aligned = {"_weighted": False, "qft_synthetic": (keys[:7], per_item[:, :7], clusters[:7])}
+    assert report.strata_args(aligned)[0][0].shape == (1, 7)

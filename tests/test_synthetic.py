@@ -40,7 +40,7 @@ def test_files_and_manifest(tmp_path):
     assert json.loads((tmp_path / "manifest.json").read_text()) == man
     assert all(set(r) == {"instruction", "input", "output"} and r["input"] == "" for r in train)
     for it in items:
-        assert set(it) == {"question", "choices", "answer", "subject"}
+        assert set(it) == {"question", "choices", "answer", "subject", "fact"}
         assert len(it["choices"]) == 4 and len(set(it["choices"])) == 4
         assert it["answer"] in range(4) and it["subject"] in RELATIONS
         assert set(it["choices"]) <= set(RELATIONS[it["subject"]]), "distractors come from the same pool"
@@ -68,7 +68,7 @@ def _strip(text: str, names) -> str:
     return re.sub("|".join(map(re.escape, names)), "{name}", text)
 
 
-@pytest.mark.parametrize("per_fact", [1, 2])
+@pytest.mark.parametrize("per_fact", [1, 2, 5])
 def test_heldout_phrasings_never_in_training(per_fact):
     world = generate_world(0)
     names = sorted((f["entity"] for f in world["facts"]), key=len, reverse=True)
@@ -83,7 +83,13 @@ def test_heldout_phrasings_never_in_training(per_fact):
         assert tmpl not in train_templates
         assert tmpl in EVAL_TEMPLATES[it["subject"]]
         used.add(tmpl)
-    assert used == {t for ts in EVAL_TEMPLATES.values() for t in ts}, "every held-out phrasing is used"
+    pool = max(per_fact, 2)  # the phrasings rotate over the first max(per_fact, 2) of each relation
+    assert used == {t for ts in EVAL_TEMPLATES.values() for t in ts[:pool]}, "every phrasing of the pool is used"
+    # the questions about one fact share its id and ask it in per_fact different phrasings
+    by_fact: dict = {}
+    for it in items:
+        by_fact.setdefault(it["fact"], []).append(_strip(it["question"], names))
+    assert len(by_fact) == len(world["facts"]) and all(len(set(q)) == per_fact for q in by_fact.values())
     assert not {t for ts in EVAL_TEMPLATES.values() for t in ts} & {t for ts in TRAIN_TEMPLATES.values() for t in ts}
 
 
@@ -128,7 +134,7 @@ def test_validation_split_is_disjoint_in_phrasing_and_recorded(tmp_path):
     test = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
     val = [json.loads(x) for x in (tmp_path / "validation.jsonl").read_text().splitlines()]
     train = json.loads((tmp_path / "train.json").read_text())
-    assert man["n_validation"] == len(val) == len(test) == 60 and man["version"] == 2
+    assert man["n_validation"] == len(val) == len(test) == 60 and man["version"] == 3
     assert {q["question"] for q in val}.isdisjoint({q["question"] for q in test})
     assert {q["question"] for q in val}.isdisjoint({r["instruction"] for r in train})
     all_templates = [t for ts in synthetic.VALIDATION_TEMPLATES.values() for t in ts]
@@ -153,3 +159,28 @@ def test_validation_task_reads_the_validation_file(tmp_path):
     assert cfg["dataset_kwargs"]["data_files"]["test"] == str((tmp_path / "validation.jsonl").resolve())
     cfg = qtasks.task_config("qft_synthetic", synthetic_path=tmp_path / "eval.jsonl")
     assert cfg["dataset_kwargs"]["data_files"]["test"] == str((tmp_path / "eval.jsonl").resolve())
+
+
+# sha256 of json.dumps(items, sort_keys=True) of generator version 2's eval_items (commit 5839c26), without the
+# `fact` field that version 3 adds: up to two questions per fact, version 3 asks exactly the same questions.
+V2_ITEMS = {(0, 24, 2, "test"): "a051270d26c6871e", (0, 24, 2, "validation"): "dfc0826693c539f4",
+            (1, 61, 1, "test"): "f68fca23d19a229a", (0, 60, 1, "validation"): "eacb7786361e3254"}
+
+
+@pytest.mark.parametrize("seed,n,per_fact,split", list(V2_ITEMS))
+def test_items_up_to_two_per_fact_are_version_2s(seed, n, per_fact, split):
+    import hashlib
+
+    items = [{k: v for k, v in it.items() if k != "fact"}
+             for it in eval_items(generate_world(seed, n), per_fact, split=split)]
+    digest = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+    assert digest == V2_ITEMS[(seed, n, per_fact, split)]
+
+
+def test_five_phrasings_per_fact_give_300_test_and_300_validation_questions(tmp_path):
+    man = synthetic.write_synthetic(tmp_path, seed=0, n_entities=60, eval_per_fact=5)
+    test = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    val = [json.loads(x) for x in (tmp_path / "validation.jsonl").read_text().splitlines()]
+    assert len(test) == len(val) == 300 and man["n_validation"] == 300
+    assert {q["question"] for q in test}.isdisjoint({q["question"] for q in val})
+    assert Counter(q["fact"] for q in test) == Counter({i: 5 for i in range(60)})

@@ -69,18 +69,24 @@ def process_mmlu(dataset: datasets.Dataset, subject: str = "") -> datasets.Datas
 
 
 def process_synthetic(dataset: datasets.Dataset) -> datasets.Dataset:
-    """qftbench synthetic eval.jsonl -> cais/mmlu fields (validated: 4 choices, answer 0-3)."""
+    """qftbench synthetic eval.jsonl -> cais/mmlu fields (validated: 4 choices, answer 0-3), plus ``fact`` where
+    the file has it (generator version 3: the id shared by the questions about one fact; files without it give the
+    same documents, and document hashes, as before)."""
+    with_fact = "fact" in dataset.column_names
 
     def _doc(row):
         choices = [str(c) for c in row["choices"]]
         if len(choices) != 4:
             raise ValueError(f"qft_synthetic needs exactly 4 choices, got {len(choices)}: {row}")
-        return {
+        doc = {
             "question": str(row["question"]),
             "subject": str(row.get("subject") or ""),
             "choices": choices,
             "answer": _answer_index(row["answer"]),
         }
+        if with_fact:
+            doc["fact"] = int(row["fact"])
+        return doc
 
     return dataset.map(_doc, remove_columns=dataset.column_names)
 
