@@ -82,7 +82,7 @@ def cmd_validate(args) -> int:
 def cmd_prepare(args) -> int:
     from . import pipeline as P
 
-    print(P.prepare_step(_cfg(args)))
+    print(P.prepare_step(_cfg(args), base_only=args.base_only))
     return 0
 
 
@@ -161,6 +161,8 @@ def main(argv=None) -> int:
     s.set_defaults(func=cmd_validate)
     s = sub.add_parser("prepare", help="load the model, make the data and the quantized base (cached)")
     _add_config(s)
+    s.add_argument("--base-only", action="store_true",
+                   help="only the quantized base (the Snakemake job: its config is the base's spec alone)")
     s.set_defaults(func=cmd_prepare)
     s = sub.add_parser("finetune", help="fine-tune one run (resumes from its last checkpoint)")
     _add_config(s)

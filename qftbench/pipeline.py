@@ -70,6 +70,54 @@ def build_method(cfg):
     return methods.build(cfg["method"]["name"], **{k: v for k, v in cfg["method"].items() if k != "name"})
 
 
+def _base_method(cfg) -> dict:
+    """The smallest method entry that builds the same base as ``cfg``'s method (equal ``base_key``): the un-tuned
+    ``base`` method where it can express the quantizer (16-bit, INTk groups, NF4), else the run's own method
+    without the hyperparameters that do not change its base (rank, alpha, dropout, ... for every method but
+    LoftQ, whose base depends on its initialisation)."""
+    key = build_method(cfg).base_key()
+
+    def same(entry) -> bool:
+        try:
+            return methods.build(entry["name"], **{k: v for k, v in entry.items() if k != "name"}).base_key() == key
+        except Exception:  # noqa: BLE001 - an entry that cannot be built is simply not a candidate
+            return False
+
+    s = key.get("scheme")
+    targets = {"targets": key["targets"]} if key.get("targets", "all-linear") != "all-linear" else {}
+    if s is None:
+        candidate = {"name": "base", "bits": 16, **targets}
+    elif s["kind"] == "int" and s.get("tile") is None:
+        candidate = {"name": "base", "bits": s["bits"], "group_size": s["group_size"], "quant_type": "int",
+                     "quantizer": key.get("quantizer", "rtn"), **targets}
+    else:
+        candidate = {"name": "base", "bits": s["bits"], "quant_type": "nf", **targets}
+    if same(candidate):
+        return candidate
+    entry = dict(cfg["method"])
+    for k in sorted(k for k in entry if k != "name"):
+        trial = {kk: v for kk, v in entry.items() if kk != k}
+        if same(trial):
+            entry = trial
+    return entry
+
+
+def base_spec(cfg) -> dict:
+    """The run-config fragment that defines ``cfg``'s quantized base and nothing else: the model, the smallest
+    method entry with the same base (:func:`_base_method`), the calibration (and the data it may be drawn from)
+    for GPTQ, and where results and caches live. Every run that shares the base gives the same spec, so the
+    Snakemake job that builds it has the same identity in every sweep (its output folder is named by the same
+    fields, :func:`base_dir`); resolved with every other setting at its default."""
+    method = build_method(cfg)
+    spec = {"model": cfg["model"], "method": _base_method(cfg),
+            "paths": {"results": cfg["paths"]["results"], "cache": cfg["paths"].get("cache")}}
+    if method.hp.get("quantizer") == "gptq":
+        spec["calibration"] = cfg["calibration"]
+        if cfg["calibration"]["source"] in (None, "synthetic"):  # drawn from the run's data (or its synthetic
+            spec["data"] = cfg["data"]                            # world): that data defines the base too
+    return spec
+
+
 # ------------------------------------------------------------------------------------------------- data
 def synthetic_dir(cfg) -> Path:
     s = cfg["data"]["synthetic"]
@@ -110,6 +158,8 @@ def calibration_spec(cfg) -> dict:
     c = dict(cfg["calibration"])
     if c["source"] is None:  # default: the fine-tuning data
         c["source"], c["path"] = cfg["data"]["source"], cfg["data"]["path"]
+    if c["source"] == "synthetic":  # the generated world is the data: its settings define the calibration windows
+        c["synthetic"] = dict(cfg["data"]["synthetic"])
     return c
 
 
@@ -131,8 +181,10 @@ def calibration_batches(cfg, tokenizer) -> list[torch.Tensor]:
 def load_model(cfg):
     from .models import load_model as _load
 
+    # the model is the same for every run seed (tiny-llama's random weights are seed 0's: the training seed
+    # must not change the pretrained model, which the runs of all seeds share through one quantized base)
     model, tok = _load(cfg["model"]["name"], dtype=DTYPES.get(cfg["model"]["dtype"], torch.float32),
-                       cache_dir=model_cache(cfg), seed=cfg["seed"])
+                       cache_dir=model_cache(cfg), seed=0)
     if torch.cuda.is_available() and not getattr(model, "hf_device_map", None):
         from .gpus import check_fits_one_gpu
 
@@ -141,9 +193,12 @@ def load_model(cfg):
     return model, tok
 
 
-def prepare_step(cfg) -> Path:
-    """Make the model, the data and the quantized base available (each computed once, then reused)."""
-    if cfg["data"]["source"] == "synthetic" or any(t.startswith("qft_synthetic") for t in cfg["eval"]["tasks"]):
+def prepare_step(cfg, *, base_only: bool = False) -> Path:
+    """Make the model, the data and the quantized base available (each computed once, then reused).
+    ``base_only``: the quantized base alone (the Snakemake job of a :func:`base_spec`; each run's own jobs make
+    its data)."""
+    if not base_only and (cfg["data"]["source"] == "synthetic"
+                          or any(t.startswith("qft_synthetic") for t in cfg["eval"]["tasks"])):
         ensure_synthetic(cfg)
     d = base_dir(cfg)
     if (d / "base_manifest.json").is_file():

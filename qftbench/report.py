@@ -343,26 +343,29 @@ def aggregate(df: pd.DataFrame, value: str = "value", keys: Iterable[str] = GROU
               intervals: bool = True) -> pd.DataFrame:
     """Mean, sample std and number of seeds of ``value`` per configuration (``keys``), plus, for the accuracy
     metrics (:data:`CI_METRICS`) whose runs stored per-item records, the 95% interval over items and seeds
-    (``ci_lo``, ``ci_hi``, percent; ``n_items``; see :mod:`qftbench.stats`). ``run_dirs``: the runs behind each
-    row."""
+    (``ci_lo``, ``ci_hi``, percent; ``n_items`` questions, ``n_units`` the bootstrap's units: fewer where the
+    items form clusters, see :func:`strata_args`; :mod:`qftbench.stats`). ``run_dirs``: the runs behind each row."""
     keys = list(keys)
     if df.empty:
         return pd.DataFrame(columns=keys + ["mean", "std", "n_seeds", "seeds", "run_dirs", "ci_lo", "ci_hi",
-                                            "n_items"])
+                                            "n_items", "n_units"])
     g = df.groupby(keys, dropna=False, sort=True)
     out = g[value].agg(["mean", "std"]).reset_index()
     out["n_seeds"] = g["seed"].nunique(dropna=False).to_numpy()
     out["seeds"] = g["seed"].agg(lambda s: ",".join(str(x) for x in sorted(s.dropna().unique()))).to_numpy()
     out.loc[out["n_seeds"] < 2, "std"] = math.nan
     out["run_dirs"] = g["run_dir"].agg(lambda s: tuple(sorted(set(s)))).to_numpy() if "run_dir" in df else None
-    lo, hi, n = [], [], []
+    lo, hi, n, units = [], [], [], []
     for r in out.itertuples(index=False):
-        iv = cell_interval(r) if intervals and "run_dir" in df and "task" in keys else None
+        res = cell_interval(r) if intervals and "run_dir" in df and "task" in keys else None
+        iv, n_q = res if res is not None else (None, None)
         lo.append(math.nan if iv is None else 100 * iv.lo)
         hi.append(math.nan if iv is None else 100 * iv.hi)
-        n.append(pd.NA if iv is None else iv.n_items)
+        n.append(pd.NA if iv is None else n_q)
+        units.append(pd.NA if iv is None else iv.n_items)
     out["ci_lo"], out["ci_hi"] = pd.Series(lo, dtype="float64"), pd.Series(hi, dtype="float64")
     out["n_items"] = pd.Series(n, dtype="Int64")
+    out["n_units"] = pd.Series(units, dtype="Int64")
     return out
 
 
@@ -511,8 +514,8 @@ def strata_args(aligned: dict, keep: Mapping[str, list] | None = None) -> tuple[
 
 
 def cell_interval(row):
-    """The interval of one aggregated row (a row of :func:`aggregate`, as a Series or an ``itertuples`` tuple)
-    over its runs' items and seeds, or None without item records. Memoised per (runs, their eval files' mtimes,
+    """``(Interval, n questions)`` of one aggregated row (a row of :func:`aggregate`, as a Series or an
+    ``itertuples`` tuple) over its runs' items and seeds, or None without item records. Memoised per (runs, their eval files' mtimes,
     cell): :func:`aggregate` is called by several tables and the figures on the same rows."""
     get = row.__getitem__ if isinstance(row, pd.Series) else (lambda k: getattr(row, k))
     mode, task, shots, category, metric = (get(k) for k in ("mode", "task", "shots", "category", "metric"))
@@ -538,7 +541,23 @@ def _cell_interval(run_dirs: tuple, stamp: tuple, mode, task, shots, category, m
     if aligned is None:
         return None
     mats, weights = strata_args(aligned)
-    return stats.interval(mats, weights, key=(config_id, mode, task, shots, category, metric))
+    iv = stats.interval(mats, weights, key=(config_id, mode, task, shots, category, metric))
+    return iv, n_questions(aligned)
+
+
+def n_questions(aligned: dict, keep: Mapping[str, list] | None = None) -> int:
+    """Items (questions) behind a cell; the bootstrap's units are fewer where items form clusters
+    (:func:`strata_args`)."""
+    return sum(len(keep[k]) if keep is not None else len(v[0]) for k, v in aligned.items() if k != "_weighted")
+
+
+def fmt_n(n_items, n_units) -> str:
+    """``n=300`` or, where the items form clusters (the synthetic task's facts), ``n=300 (60 facts)``."""
+    if n_items is None or pd.isna(n_items):
+        return ""
+    if n_units is None or pd.isna(n_units) or int(n_units) == int(n_items):
+        return f"n={int(n_items)}"
+    return f"n={int(n_items)} ({int(n_units)} facts)"
 
 
 def fmt_pm(mean: float, std: float, digits: int = 1) -> str:
@@ -584,13 +603,16 @@ def _wide(agg: pd.DataFrame, col_of, order: list[str], digits: int = 1) -> pd.Da
     agg["cell"] = [fmt_ci(m, lo, hi, s, digits) for m, lo, hi, s in zip(agg["mean"], agg["ci_lo"], agg["ci_hi"],
                                                                          agg["std"])]
     # n items in the column header when every row of that column has the same n, else in the cell
-    n_of = agg.groupby("col")["n_items"].agg(lambda x: sorted({int(v) for v in x.dropna()}))
-    rename = {c: f"{c} (n={ns[0]})" for c, ns in n_of.items() if len(ns) == 1}
+    if "n_units" not in agg:
+        agg["n_units"] = agg["n_items"]
+    agg["n_label"] = [fmt_n(n, u) if not pd.isna(n) else None for n, u in zip(agg["n_items"], agg["n_units"])]
+    n_of = agg.groupby("col")["n_label"].agg(lambda x: sorted({v for v in x.dropna()}))
+    rename = {c: f"{c} ({ns[0]})" for c, ns in n_of.items() if len(ns) == 1}
     for c, ns in n_of.items():
         if len(ns) > 1:
-            mask = (agg["col"] == c) & agg["n_items"].notna()
-            agg.loc[mask, "cell"] = [f"{cell} n={int(n)}" for cell, n in zip(agg.loc[mask, "cell"],
-                                                                            agg.loc[mask, "n_items"])]
+            mask = (agg["col"] == c) & agg["n_label"].notna()
+            agg.loc[mask, "cell"] = [f"{cell} {lab}" for cell, lab in zip(agg.loc[mask, "cell"],
+                                                                        agg.loc[mask, "n_label"])]
     rk = ROW_KEYS + ["config_id"]
     agg[rk] = agg[rk].astype(object).where(agg[rk].notna(), "")
     wide = agg.pivot_table(index=rk, columns="col", values="cell", aggfunc="first").reindex(
@@ -931,10 +953,13 @@ def paired_table(agg: pd.DataFrame) -> pd.DataFrame:
                                                                                               rb.ci_hi),
                                 "A - B": f"{100 * res.diff:+.1f}",
                                 "95% CI": f"[{100 * res.lo:+.1f}, {100 * res.hi:+.1f}]",
-                                "p": f"{res.p:.3g}", "n items": res.n_items,
+                                "p": f"{res.p:.3g}", "n items": n_questions(ca, keep), "n facts": res.n_items,
                                 "seeds A/B": f"{res.n_seeds_a}/{res.n_seeds_b}", "verdict": verdict,
                                 "claim": claim})
-    return pd.DataFrame(out, columns=cols)
+    full = cols[:cols.index("n items") + 1] + ["n facts"] + cols[cols.index("n items") + 1:]
+    t = pd.DataFrame(out, columns=full)
+    # the bootstrap's units: shown where items form clusters (the synthetic task's facts), else equal to n items
+    return t if (t["n facts"] != t["n items"]).any() else t.drop(columns="n facts")
 
 
 #: the task the learning-rate rule reads (the synthetic validation split); never the test task ``synthetic``

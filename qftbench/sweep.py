@@ -6,6 +6,8 @@ A sweep config (``config/default.yaml``, ``config/paper.yaml``, ...) has these k
     models:    [smollm2-135m]     # names, or {name, label, dtype, resources} entries
     data:      {synthetic: {source: synthetic}}          # label -> run-config data section
     methods:   [{name: qlora}, {name: qalora, bits: [4, 3, 2]}]   # a list value is a grid axis
+               # an entry may also carry models: [labels], data: [labels] and seeds: [..] (a subset of the
+               # sweep's seeds: e.g. {name: base, seeds: [0]}, the un-tuned pretrained model evaluated once)
     grid:      {rank: [8, 16], train.lr: [5.0e-4, 2.0e-3]}   # crossed with every method that has it
     seeds:     [0]
     run:       {train: ..., eval: ..., calibration: ..., paths: ...}   # defaults of every run config
@@ -63,7 +65,8 @@ SCHEMA = {
              "required": ["name"], "additionalProperties": False}]}},
         "data": {"type": "object", "minProperties": 1, "additionalProperties": {"type": "object"}},
         "methods": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["name"]}},
-        # a method entry may carry `models: [labels]` / `data: [labels]` to run only there
+        # a method entry may carry `models: [labels]` / `data: [labels]` to run only there, and `seeds: [..]`
+        # (a subset of the sweep's seeds) to run only at those
         "grid": {"type": "object", "additionalProperties": {"type": "array", "minItems": 1}},
         "seeds": {"type": "array", "minItems": 1, "items": {"type": "integer"}},
         "run": {"type": "object"},
@@ -183,7 +186,7 @@ def _method_variants(entry: dict, grid: dict, where: str) -> list[dict]:
         cls = methods.get(entry["name"])
     except ConfigError as e:
         raise ConfigError(f"{where}: methods: {e}") from None
-    entry = {k: v for k, v in entry.items() if k not in ("models", "data")}
+    entry = {k: v for k, v in entry.items() if k not in ("models", "data", "seeds")}
     axes = {k: v for k, v in entry.items() if k != "name" and isinstance(v, list) and k != "targets"}
     fixed = {k: v for k, v in entry.items() if k not in axes}
     for k, values in grid.items():
@@ -225,6 +228,14 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
                 if lab not in known:
                     raise ConfigError(f"{where}: methods[{i}] ({entry['name']}).{key}: {lab!r} is not one of this "
                                       f"sweep's {key} ({', '.join(known)}).{did_you_mean(lab, known)}")
+        if "seeds" in entry:
+            seeds = sweep.get("seeds", [0])
+            bad = entry["seeds"] if not isinstance(entry["seeds"], list) or not entry["seeds"] else \
+                [x for x in entry["seeds"] if x not in seeds or isinstance(x, bool)]
+            if bad:
+                raise ConfigError(f"{where}: methods[{i}] ({entry['name']}).seeds: {bad!r} is not a non-empty list of "
+                                  f"this sweep's seeds ({seeds}). Fix: list some of {seeds}, e.g. "
+                                  f"seeds: [{seeds[0]}], or drop the key to run at every seed.")
     for j, rule in enumerate(ov.get("match", [])):
         for lab in rule["when"].get("model", []):
             if lab not in labels:
@@ -247,7 +258,8 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
                     own = {sk: vs for sk, vs in run_axes.items()
                            if not (sk[0] == "train" and variant0["name"] == "base")}
                     # without dotted axes: one empty combo, so the runs (and their order) are those of before
-                    for combo, seed in itertools.product(itertools.product(*own.values()), sweep.get("seeds", [0])):
+                    seeds = [x for x in sweep.get("seeds", [0]) if x in entry.get("seeds", [x])]
+                    for combo, seed in itertools.product(itertools.product(*own.values()), seeds):
                         variant = variant0
                         setting = dict(zip(own, combo))
                         raw = copy.deepcopy(base)

@@ -438,7 +438,7 @@ def test_intervals_and_paired_table_from_item_records(real_results, tmp_path):
     mm = agg[(agg["method"] == "qalora") & (agg["task"] == "mmlu") & (agg["category"] == "avg")]
     for metric, want in (("acc_micro", (6 + 42) / 100), ("acc_macro", (0.2 + 0.6) / 2)):
         r = mm[mm["metric"] == metric].iloc[0]
-        assert R.cell_interval(r).mean == pytest.approx(want) and r["n_items"] == 100
+        assert R.cell_interval(r)[0].mean == pytest.approx(want) and r["n_items"] == 100
     stem = agg[(agg["method"] == "qalora") & (agg["task"] == "mmlu") & (agg["category"] == "stem")
                & (agg["metric"] == "acc_micro")].iloc[0]
     assert stem["n_items"] == 30

@@ -144,24 +144,45 @@ def test_tune_config():
     sweep = S.load(REPO / "config" / "tune.yaml")
     default = S.load(REPO / "config" / "default.yaml")
     runs = S.expand(sweep)
-    assert len(runs) == 33  # base once + 8 methods x 4 learning rates
+    assert len(runs) == 25  # base once + 8 methods x 3 learning rates
     trained = [c for c in runs.values() if c["method"]["name"] != "base"]
-    assert len(trained) == 32 and {c["method"].get("rank") for c in trained if c["method"]["name"] in
+    assert len(trained) == 24 and {c["method"].get("rank") for c in trained if c["method"]["name"] in
                                    ("lora", "qlora", "qalora", "loftq", "qbara")} == {16}
     lrs = sorted(sweep["grid"]["train.lr"])
     assert all(b / a == pytest.approx(4) for a, b in zip(lrs, lrs[1:]))
-    # the grid brackets every rate the default sets by hand
-    hand = {c["train"]["lr"] for c in S.expand(default).values()}
-    assert all(lrs[0] <= lr <= lrs[-1] for lr in hand)
     # the same model, data, steps and precision as the default; the validation split only; no lr overrides
+    d = next(iter(S.expand(default).values()))
     for c in runs.values():
         assert c["eval"]["tasks"] == ["qft_synthetic_val"] and c["seed"] == 0
-        assert c["train"]["max_steps"] == 24 and c["train"]["precision"] == "bf16"
-        assert c["model"]["name"] == "smollm2-135m" and c["data"]["synthetic"]["n_entities"] == 24
+        for key in ("max_steps", "batch_size", "micro_batch_size", "precision", "optimizer"):
+            assert c["train"][key] == d["train"][key], key
+        assert c["model"] == d["model"] and c["data"] == d["data"]
     assert sweep["data"] == default["data"] and sweep["models"] == default["models"]
     assert "overrides" not in sweep
     assert sweep["outputs"] == {"tables": "results/tables/tune", "figures": "figures/tune"}
     assert "lr_choice" in S.expected_tables(sweep, runs)
+
+
+def test_methods_config_is_the_default_with_every_method():
+    """config/methods.yaml = the default's task, steps and seeds with every method; both take every learning rate
+    from the tuning grid (the values its rule chose, README "The tuning sweep"), and agree where they overlap
+    (the default's runs are methods.yaml's runs: the same run ids)."""
+    import methods
+
+    tune = S.load(REPO / "config" / "tune.yaml")
+    default, every = (S.load(REPO / "config" / f"{n}.yaml") for n in ("default", "methods"))
+    d_runs, m_runs = S.expand(default), S.expand(every)
+    assert set(d_runs) <= set(m_runs)
+    assert {c["method"]["name"] for c in m_runs.values()} == set(methods.names())  # every registered method
+    assert {c["method"]["name"] for c in S.expand(tune).values()} == {c["method"]["name"] for c in m_runs.values()}
+    grid = set(tune["grid"]["train.lr"])
+    for c in m_runs.values():
+        if c["method"]["name"] != "base":
+            assert c["train"]["lr"] in grid, (c["method"]["name"], c["train"]["lr"])
+            assert c["seed"] in (0, 1, 2)
+    assert sorted({c["seed"] for c in d_runs.values()}) == [0, 1, 2]
+    assert sum(c["method"]["name"] == "base" for c in d_runs.values()) == 1
+    assert every["data"] == default["data"] and every["run"] == default["run"]
 
 
 # ---------------------------------------------------------------------------------------- the lr_choice rule
@@ -315,3 +336,17 @@ def test_lr_grid_end_to_end_on_tiny_llama(tmp_path):
     assert list(t["lr"]) == ["0.001", "0.004"] and list(t["n items"]) == [6, 6]
     means = dict(zip([1e-3, 4e-3], t["validation acc (%)"]))
     assert t.loc[t["chosen"] == "yes", "lr"].tolist() == [R.fmt_lr(R.choose_lr(means))]
+
+
+def test_a_method_entry_can_run_at_some_seeds_only(tmp_path):
+    """`{name: base, seeds: [0]}`: the un-tuned pretrained model is evaluated once, not once per training seed;
+    a seed the sweep does not have is a ConfigError naming the entry and the fix."""
+    sweep = tiny_sweep(tmp_path, grid={"rank": [2]})
+    sweep["seeds"] = [0, 1, 2]
+    sweep["methods"] = [{"name": "base", "seeds": [0]}, {"name": "qlora"}]
+    runs = S.expand(sweep)
+    assert sorted((c["method"]["name"], c["seed"]) for c in runs.values()) == [
+        ("base", 0), ("qlora", 0), ("qlora", 1), ("qlora", 2)]
+    sweep["methods"][0]["seeds"] = [5]
+    with pytest.raises(ConfigError, match=r"methods\[0\] \(base\)\.seeds: \[5\].*Fix"):
+        S.expand(sweep)

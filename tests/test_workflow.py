@@ -125,6 +125,37 @@ def test_tiny_dag_runs_end_to_end_and_second_run_does_nothing(tiny_sweep):
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
+@pytest.mark.slow
+def test_a_second_sweep_sharing_the_bases_leaves_the_first_with_nothing_to_do(tiny_sweep, tmp_path):
+    """A job's identity is what defines its output: after the tiny sweep, another sweep in the same results folder
+    whose runs share tiny's quantized bases (claimed there by other methods, with other training settings) builds
+    no base again, and a dry run of the tiny sweep afterwards has nothing to do."""
+    import shutil
+
+    import yaml
+
+    from qftbench import pipeline as P
+    from qftbench import sweep as S
+
+    work = tmp_path / "shared"
+    shutil.copytree(tiny_sweep, work, symlinks=True)
+    tiny = REPO / "config" / "tiny.yaml"
+    other = yaml.safe_load(tiny.read_text())
+    other.update(name="tiny-other", outputs={"tables": "results/tables/tiny-other", "figures": "figures/tiny-other"})
+    other["methods"] = [{"name": "peqa", "group_size": 32}, {"name": "qbara", "k": 2}]  # INT4 g32 RTN and NF4
+    other["grid"] = {"rank": [2]}
+    other["run"]["train"] = {**other["run"]["train"], "lr": 3e-3}
+    other_cfg = tmp_path / "other.yaml"
+    other_cfg.write_text(yaml.safe_dump(other))
+    bases = lambda sw: {P.base_dir(c).name for c in S.expand(sw).values()}  # noqa: E731
+    assert bases(other) <= bases(S.load(tiny)), "the second sweep must share the first one's bases"
+
+    r = snakemake(["--cores", "2", "--configfile", str(other_cfg)], cwd=work)
+    assert "quantize_base" not in job_stats(r.stdout + r.stderr), "a shared base was built again"
+    again = snakemake(["-n", "--cores", "2", "--configfile", str(tiny)], cwd=work)
+    assert "Nothing to be done" in again.stdout + again.stderr, (again.stdout + again.stderr)[-3000:]
+
+
 TIMING = ("train time (s)", "peak mem (MB)", "tokens/s")
 
 

@@ -59,6 +59,12 @@ def training_json(rid):
     return json.dumps(S.training_view(RUNS[rid]), sort_keys=True)
 
 
+def base_json(base):
+    """The quantize_base job's config: the base's spec alone (qftbench.pipeline.base_spec), so that the job has
+    the same params in every sweep that shares the base, whichever run claimed it."""
+    return json.dumps(P.base_spec(RUNS[BASES[base]]), sort_keys=True)
+
+
 def full_json(rid):
     return json.dumps({k: v for k, v in RUNS[rid].items() if k != "sweep"}, sort_keys=True)
 
