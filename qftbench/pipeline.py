@@ -251,7 +251,12 @@ def finetune_step(cfg, *, stop_after: int | None = None) -> Path:
     t_prep = time.perf_counter() - t0
     examples = tokenize_records(tok, train_recs, cfg["data"]["source_max_len"], cfg["data"]["target_max_len"])
     rd.mkdir(parents=True, exist_ok=True)
-    (rd / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    # exactly the configuration that trained the run (what the finetune job got); each evaluation records its own
+    # settings in its eval/<mode>/<tasks>.json ("eval_config"), so no section here can disagree with a job
+    trained = {k: cfg[k] for k in (*C.TRAINING_KEYS, "paths")}
+    (rd / "config.yaml").write_text("# the configuration that trained this run; each evaluation's settings are in "
+                                    "its eval/<mode>/<tasks>.json (eval_config)\n"
+                                    + yaml.safe_dump(trained, sort_keys=False))
     tcfg = TrainConfig(**cfg["train"], seed=cfg["seed"])
     n_trainable = methods.count_trainable(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -359,6 +364,8 @@ def evaluate_step(cfg, mode: str = "deploy", tasks: list[str] | None = None, num
     if rq is not None:
         res["requant"] = rq
     res["num_fewshot"] = num_fewshot
+    res["eval_config"] = {**cfg["eval"], "tasks": list(tasks), "limit": C.limit_for(cfg, tasks),
+                          "num_fewshot": num_fewshot}
     res["seconds"] = time.perf_counter() - t0
     res["provenance"] = {**res.get("provenance", {}), **record(step="evaluate")}
     write_json_atomic(out, res)

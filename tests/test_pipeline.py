@@ -56,6 +56,16 @@ def test_end_to_end_per_method(tmp_path, method):
     task = res["tasks"]["qft_synthetic"]
     assert 0.0 <= task["acc"] <= 1.0 and task["n"] == 6 and "acc_norm" in task
     assert res["mode"] == m.deploy and res["provenance"]["lm_eval_version"]
+    # the records are the configuration that ran: config.yaml is what trained the run (no eval section that a
+    # sweep's evaluation jobs could contradict); each evaluation records its own settings
+    import yaml
+
+    from qftbench import sweep as S
+
+    text = (rd / "config.yaml").read_text()
+    assert yaml.safe_load(text) == json.loads(json.dumps(S.training_view(cfg))) and "eval" not in yaml.safe_load(text)
+    assert res["eval_config"]["batch_size"] == cfg["eval"]["batch_size"] == 8
+    assert res["eval_config"]["tasks"] == ["qft_synthetic"] and res["eval_config"]["limit"] == 6
     acc = json.loads((rd / "accounting.json").read_text())
     assert acc["trainable_params"] == acc["measured_trainable_params"]
     assert acc["train_flops_total"] == acc["train_flops_per_token"] * sum(r["tokens"] for r in log) \

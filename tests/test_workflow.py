@@ -40,14 +40,16 @@ def job_stats(output: str) -> dict[str, int]:
 EXPECTED = {
     # 2 bases (INT4 g32 RTN shared by base and qalora; NF4), 5 runs (base + 2 ranks x {qlora, qalora})
     "tiny": {"quantize_base": 2, "finetune": 5, "evaluate": 5, "report": 1, "all": 1, "total": 14},
-    # 14 runs: base, qahira, qahira-ref, peqa + 2 ranks x {lora, qlora, qalora, loftq, qbara}; bases: 16-bit
-    # (base, lora), NF4 (qlora, qbara), INT4 g32 (qalora, qahira, peqa), INT4 8x4 (qahira-ref), LoftQ r4, r16
-    "default": {"quantize_base": 6, "finetune": 14, "evaluate": 14, "report": 1, "all": 1, "total": 36},
+    # 7 runs: base once (seeds: [0]) + 3 seeds x {qlora, qalora}; bases: 16-bit, NF4, INT4 g32
+    "default": {"quantize_base": 3, "finetune": 7, "evaluate": 7, "report": 1, "all": 1, "total": 19},
+    # 25 runs: base once + 3 seeds x 8 methods; bases: 16-bit (base, lora), NF4 (qlora, qbara), INT4 g32
+    # (qalora, qahira, peqa), INT4 8x4 (qahira-ref), LoftQ r16
+    "methods": {"quantize_base": 5, "finetune": 25, "evaluate": 25, "report": 1, "all": 1, "total": 57},
     # 4 runs x 3 evaluation groups (MMLU 0-shot, MMLU 5-shot, commonsense); bases: 16-bit, NF4, INT4 g32 (qalora
     # and qahira share it)
     "local": {"quantize_base": 3, "finetune": 4, "evaluate": 12, "report": 1, "all": 1, "total": 21},
-    # 1 base + 8 methods x 4 learning rates, each evaluated once on the validation split
-    "tune": {"finetune": 33, "evaluate": 33, "report": 1, "all": 1},
+    # 1 base + 8 methods x 3 learning rates, each evaluated once on the validation split
+    "tune": {"finetune": 25, "evaluate": 25, "report": 1, "all": 1},
     # 2 runs (the un-tuned INT4 g32 base and qalora share one base) x 3 evaluation groups
     "tiny-real": {"quantize_base": 1, "finetune": 2, "evaluate": 6, "report": 1, "all": 1, "total": 11},
     # 206 configurations x 3 seeds = 618 runs (test_paper_grid_size); 3 evaluation groups each, qlora in four
