@@ -65,6 +65,10 @@ TARGETS = Hyper("all-linear", (str, list),
 SEED = Hyper(0, int, "seed of the adapter initialisation (per layer, independent of layer order)", minimum=0)
 QUANTIZER = Hyper("rtn", str, "how the INT base is quantized: 'rtn' (round-to-nearest, no data) or 'gptq' "
                   "(the papers' choice; pass calibration= to prepare)", choices=("rtn", "gptq"))
+GPTQ_GROUPS = Hyper("updated", str, "GPTQ only: the weights a group's scale and zero come from: 'updated' (fully "
+                    "error-updated, this suite's default) or 'released' (as GPTQ-for-LLaMa and AutoGPTQ v0.3.0, "
+                    "which QA-LoRA's README installs: the updates of the earlier columns of the current 128-column "
+                    "batch not yet applied; identical when the group is 128 wide)", choices=("updated", "released"))
 INIT_LOWRANK = Hyper("kaiming", str, "init of A (B = 0): kaiming-uniform(a=sqrt 5) as nn.Linear and peft, "
                      "xavier-uniform, or gaussian (std 1/r)", choices=("kaiming", "xavier", "gaussian"))
 POOL = Hyper("mean", str, "pooling scale: 'mean' (official code) or 'sum' (the QA-LoRA paper's formula)",
@@ -110,6 +114,9 @@ class Method:
     # ----------------------------------------------------------------------------------------- hooks
     def validate(self) -> None:
         """Cross-field checks (beyond the per-field ones); raise ConfigError."""
+        if self.hp.get("gptq_groups", "updated") != "updated" and self.hp.get("quantizer") != "gptq":
+            raise ConfigError(f"{self.name}: gptq_groups={self.hp['gptq_groups']!r} only applies to a GPTQ base; "
+                              f"set quantizer='gptq' or drop gptq_groups.")
         scheme = self.scheme()
         if scheme is not None:
             scheme.validate()
@@ -231,6 +238,8 @@ class Method:
         key = {"scheme": dataclasses.asdict(s) if s else None, "targets": self.hp.get("targets", "all-linear")}
         if s is not None and s.kind == "int":
             key["quantizer"] = self.hp.get("quantizer", "rtn")
+            if key["quantizer"] == "gptq" and self.hp.get("gptq_groups", "updated") != "updated":
+                key["gptq_groups"] = self.hp["gptq_groups"]  # (absent at the default: base folders unchanged)
         return key
 
     def quantize(self, model: nn.Module, calibration: Iterable[torch.Tensor] | None = None) -> nn.Module:
@@ -273,7 +282,9 @@ class Method:
             return {name: mod for name, mod in layers}
         if self.hp.get("quantizer") == "gptq":
             from .quant.gptq import gptq_quantize_model
-            return gptq_quantize_model(model, [n for n, _ in layers], scheme, list(calibration))
+            return gptq_quantize_model(model, [n for n, _ in layers], scheme, list(calibration),
+                                       group_params={"updated": "updated", "released": "reference"}[
+                                           self.hp.get("gptq_groups", "updated")])
         return {name: scheme.make_linear(mod) for name, mod in layers}
 
     def wrap_layer(self, name: str, base: nn.Module, adapter_dtype: torch.dtype) -> nn.Module:

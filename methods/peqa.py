@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import QUANTIZER, SEED, TARGETS, Hyper, Method, _set_module
+from .base import GPTQ_GROUPS, QUANTIZER, SEED, TARGETS, Hyper, Method, _set_module
 
 
 class PEQA(Method):
@@ -20,7 +20,7 @@ class PEQA(Method):
         "bits": Hyper(4, int, "bits of the INT base", choices=(2, 3, 4, 8)),
         "group_size": Hyper(32, int, "quantization group along the input (one trainable scale per group)",
                             minimum=1),
-        "quantizer": QUANTIZER, "targets": TARGETS, "seed": SEED,
+        "quantizer": QUANTIZER, "gptq_groups": GPTQ_GROUPS, "targets": TARGETS, "seed": SEED,
     }
 
     def scheme(self):

@@ -11,7 +11,7 @@ reference code (``rank`` does not change any shape).
 
 Both have ``D_in·D_out/32`` trainable parameters per layer.
 """
-from .base import ALPHA, DROPOUT, POOL, QUANTIZER, RANK, SEED, TARGETS, Geometry, Hyper, Method
+from .base import ALPHA, DROPOUT, GPTQ_GROUPS, POOL, QUANTIZER, RANK, SEED, TARGETS, Geometry, Hyper, Method
 from .intmerge import IntMergeMixin
 from .quant.scheme import QuantScheme
 
@@ -28,7 +28,7 @@ class QAHiRA(IntMergeMixin, Method):
         "group_size": Hyper(32, int, "quantization group g along the input; also the pooling p", minimum=1),
         "init": Hyper("zeros", str, "init of H: zeros (default reading) or kaiming (released code)",
                       choices=("zeros", "kaiming")),
-        "pool": POOL, "quantizer": QUANTIZER, "targets": TARGETS, "seed": SEED,
+        "pool": POOL, "quantizer": QUANTIZER, "gptq_groups": GPTQ_GROUPS, "targets": TARGETS, "seed": SEED,
     }
 
     def scheme(self):
@@ -47,7 +47,7 @@ class QAHiRARef(IntMergeMixin, Method):
         "rank": Hyper(64, int, "nominal rank, used only in the scaling s = alpha / rank", minimum=1),
         "alpha": ALPHA, "dropout": DROPOUT, "bits": BITS,
         "init": Hyper("kaiming", str, "init of H: kaiming (released code) or zeros", choices=("kaiming", "zeros")),
-        "pool": POOL, "quantizer": QUANTIZER, "targets": TARGETS, "seed": SEED,
+        "pool": POOL, "quantizer": QUANTIZER, "gptq_groups": GPTQ_GROUPS, "targets": TARGETS, "seed": SEED,
     }
 
     def scheme(self):

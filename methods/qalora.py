@@ -4,7 +4,7 @@
 exactly into the zero points. Pooling scale: ``mean`` (official code, default) or ``sum`` (the paper's
 formula). Base quantizer: ``rtn`` (default here: no data needed) or ``gptq`` (the paper; pass calibration).
 """
-from .base import ALPHA, DROPOUT, POOL, QUANTIZER, RANK, SEED, TARGETS, Geometry, Hyper, Method
+from .base import ALPHA, DROPOUT, GPTQ_GROUPS, POOL, QUANTIZER, RANK, SEED, TARGETS, Geometry, Hyper, Method
 from .intmerge import IntMergeMixin
 from .quant.scheme import QuantScheme
 
@@ -18,7 +18,7 @@ class QALoRA(IntMergeMixin, Method):
         "group_size": Hyper(32, int, "quantization group g along the input; also the pooling p", minimum=1),
         "init": Hyper("xavier", str, "init of A (B = 0); the official code uses xavier-uniform",
                       choices=("xavier", "kaiming", "gaussian")),
-        "pool": POOL, "quantizer": QUANTIZER, "targets": TARGETS, "seed": SEED,
+        "pool": POOL, "quantizer": QUANTIZER, "gptq_groups": GPTQ_GROUPS, "targets": TARGETS, "seed": SEED,
     }
 
     def scheme(self):

@@ -5,7 +5,7 @@ it is), fine-tuning is skipped by the pipeline, and ``merge`` returns the model 
 """
 from __future__ import annotations
 
-from .base import QUANTIZER, TARGETS, Hyper, Method
+from .base import GPTQ_GROUPS, QUANTIZER, TARGETS, Hyper, Method
 from .errors import ConfigError
 
 
@@ -18,7 +18,7 @@ class Base(Method):
         "quant_type": Hyper("int", str, "quantizer of a quantized base: 'int' (INTk) or 'nf' (NF4 bitsandbytes, "
                             "NF2/NF3 own)", choices=("int", "nf")),
         "group_size": Hyper(128, int, "group along the input (int) or absmax block (nf)", minimum=1),
-        "quantizer": QUANTIZER, "targets": TARGETS,
+        "quantizer": QUANTIZER, "gptq_groups": GPTQ_GROUPS, "targets": TARGETS,
     }
 
     def validate(self):

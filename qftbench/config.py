@@ -363,17 +363,23 @@ def load(path: str | os.PathLike, overrides=()) -> dict:
 TRAINING_KEYS = ("model", "method", "data", "calibration", "train", "seed")
 #: settings added after run ids were first published: at these values they are left out of the hash, so that
 #: the runs of existing configs keep their ids (the value is the behaviour those runs already had).
-HASH_NEUTRAL = {("data", "empty_outputs"): "keep"}
+HASH_NEUTRAL = {("data", "empty_outputs"): "keep", ("method", "gptq_groups"): "updated"}
+
+
+def hash_view(cfg: dict) -> dict:
+    """The training-relevant sections (:data:`TRAINING_KEYS`) with the :data:`HASH_NEUTRAL` settings at their
+    neutral values left out: what a run id (and the report's configuration ids) hash."""
+    view = {k: copy.deepcopy(cfg[k]) for k in TRAINING_KEYS if k in cfg}
+    for (section, key), neutral in HASH_NEUTRAL.items():
+        if isinstance(view.get(section), dict) and view[section].get(key, neutral) == neutral:
+            view[section].pop(key, None)
+    return view
 
 
 def run_id(cfg: dict) -> str:
     """``<model>-<method>-r<rank>-<bits>b[-g<g>]-<data>-s<seed>-<hash8>`` from the training-relevant sections."""
     m = cfg["method"]
-    view = {k: copy.deepcopy(cfg[k]) for k in TRAINING_KEYS}
-    for (section, key), neutral in HASH_NEUTRAL.items():
-        if view[section].get(key, neutral) == neutral:
-            view[section].pop(key, None)
-    canon = json.dumps(view, sort_keys=True, default=str)
+    canon = json.dumps(hash_view(cfg), sort_keys=True, default=str)
     h = hashlib.sha256(canon.encode()).hexdigest()[:8]
     parts = [cfg["model"].get("label") or Path(str(cfg["model"]["name"])).name, m["name"]]
     if "rank" in m:

@@ -123,7 +123,10 @@ def config_id(cfg: Mapping, without_lr: bool = False) -> str:
     """Hash of the training-relevant config with every seed removed: runs that differ only in seeds share it.
     ``without_lr``: ``train.lr`` removed too (the ``lr_group`` column: runs that differ only in seeds and the
     learning rate share it)."""
-    c = {k: cfg.get(k) for k in ("model", "method", "data", "calibration", "train")}
+    from .config import hash_view
+
+    c = hash_view({k: cfg[k] for k in ("model", "method", "data", "calibration", "train") if k in cfg})
+    c = {k: c.get(k) for k in ("model", "method", "data", "calibration", "train")}
     c = json.loads(json.dumps(c, default=str))
     for sec in ("method", "data", "calibration", "train"):
         if isinstance(c.get(sec), dict):

@@ -412,3 +412,32 @@ def test_unknown_target_and_double_prepare(tiny_model):
     assert sum(isinstance(m, AdapterLinear) for m in model.modules()) == 4
     with pytest.raises(methods.ConfigError, match="already prepared"):
         methods.build("lora").prepare(model)
+
+
+def test_gptq_groups_selects_the_released_group_statistics(tiny_model):
+    """`gptq_groups: released` builds the base with the released GPTQ's group statistics (gptq.py's "reference"
+    path); `updated` (the default) with the fully updated weights; the two differ when groups are narrower than
+    GPTQ's 128-column batch, and the choice is part of the base's identity. Without GPTQ it is an error."""
+    import copy
+
+    from methods.quant.gptq import gptq_quantize_model
+    from methods.quant.scheme import QuantScheme
+
+    torch.manual_seed(0)
+    calib = [torch.randint(0, tiny_model.config.vocab_size, (2, 16))]
+    names = [n for n, m in tiny_model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    out = {}
+    for groups in ("updated", "released"):
+        m = methods.build("qalora", quantizer="gptq", group_size=16, gptq_groups=groups)
+        model = m.quantize(copy.deepcopy(tiny_model), calib)
+        out[groups] = {n: model.get_submodule(n) for n in names}
+        ref = gptq_quantize_model(copy.deepcopy(tiny_model), names, QuantScheme(kind="int", bits=4, group_size=16),
+                                  calib, group_params={"updated": "updated", "released": "reference"}[groups])
+        for n in names:
+            assert torch.equal(out[groups][n].qweight, ref[n].qweight), (groups, n)
+            assert torch.equal(out[groups][n].scales, ref[n].scales), (groups, n)
+    assert any(not torch.equal(out["updated"][n].scales, out["released"][n].scales) for n in names)
+    key = methods.build("qalora", quantizer="gptq", gptq_groups="released").base_key()
+    assert key["gptq_groups"] == "released" and "gptq_groups" not in methods.build("qalora", quantizer="gptq").base_key()
+    with pytest.raises(methods.ConfigError, match=r"gptq_groups='released' only applies to a GPTQ base"):
+        methods.build("qalora", gptq_groups="released")

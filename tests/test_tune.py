@@ -126,7 +126,9 @@ SHIPPED_IDS = {
               "smollm2-135m-qlora-r8-4b-alpaca-s0-b3062b0c": 2e-4,
               "smollm2-135m-qalora-r8-4b-g32-alpaca-s0-9f0e95b8": 2e-4},
     "paper": {"llama-7b-base-16b-g128-alpaca-s0-f008b819": 2e-4,
-              "llama-7b-qalora-r64-4b-g32-alpaca-s0-9940e347": 2e-5},     # overrides.match
+              # gptq_groups: released (2026-12-02, issue 15: the released GPTQ's group statistics) changed the
+              # ids of the paper grid's GPTQ runs; was llama-7b-qalora-r64-4b-g32-alpaca-s0-9940e347
+              "llama-7b-qalora-r64-4b-g32-alpaca-s0-afbafa16": 2e-5},     # overrides.match
 }
 
 
