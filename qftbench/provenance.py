@@ -44,6 +44,10 @@ CPU_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
                 "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "asimd", "sve", "bf16")
 
 
+#: environment variables that cap the instruction set of torch's own kernels (ATen) and of oneDNN
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
 def cpu_info() -> dict[str, Any]:
     """CPU model, the kernel-relevant features it has, and the capability torch dispatches to."""
     import torch
@@ -70,6 +74,9 @@ def cpu_info() -> dict[str, Any]:
         out["mkldnn_bf16"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:  # pragma: no cover
         out["mkldnn_bf16"] = None
+    # environment settings that cap the instruction set torch and oneDNN use (they change the kernels as a CPU
+    # without those features would): recorded when set
+    out["isa_overrides"] = {k: os.environ[k] for k in ISA_ENV if os.environ.get(k)}
     return out
 
 

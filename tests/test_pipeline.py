@@ -313,3 +313,16 @@ def test_provenance_records_cpu_features_and_torch_capability():
             flags = set(line.split(":", 1)[1].split())
             break
     assert cpu["features"] == [f for f in CPU_FEATURES if f in flags]
+
+
+def test_provenance_records_an_instruction_set_cap(monkeypatch):
+    """ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA make this machine run the kernels of a CPU without AVX512/AMX (how
+    the README's cross-machine comparison was made): a result computed under such a cap says so."""
+    from qftbench.provenance import cpu_info
+
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert cpu_info()["isa_overrides"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert cpu_info()["isa_overrides"] == {}
