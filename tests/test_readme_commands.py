@@ -125,4 +125,4 @@ def test_embedded_default_parses_without_a_configfile(tmp_path):
     another working directory (-s Snakefile); dry run, the same DAG as --configfile config/default.yaml."""
     p = _run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "-s", str(REPO / "Snakefile")], cwd=tmp_path,
              env={"PYTHONPATH": str(REPO)})
-    assert re.search(r"^finetune\s+14$", p.stdout, re.M) and re.search(r"^evaluate\s+14$", p.stdout, re.M), p.stdout
+    assert re.search(r"^finetune\s+7$", p.stdout, re.M) and re.search(r"^evaluate\s+7$", p.stdout, re.M), p.stdout
