@@ -306,11 +306,14 @@ def collect(results_dir: str | os.PathLike) -> pd.DataFrame:
         mcfg, ecfg = info.pop("_method_cfg"), info.pop("_eval_cfg")
         run_rows: dict[tuple, dict] = {}
         requant_of: dict[str, Mapping] = {}  # mode -> the re-quantization setting its eval files record
+        ecfg_of: dict[str, Mapping] = {}     # mode -> the evaluation settings its files record (eval_config)
         for p in sorted((rd / "eval").glob("*/*.json")):
             res = _read_json(p)
             mode = res.get("mode") or p.parent.name
             if isinstance(res.get("requant"), Mapping):
                 requant_of[mode] = res["requant"]
+            if isinstance(res.get("eval_config"), Mapping):
+                ecfg_of[mode] = res["eval_config"]
             for r in _eval_rows(res, mode):
                 key = (r["mode"], r["task"], r["shots"], r["category"], r["metric"])
                 run_rows[key] = r  # the same number evaluated twice: the last file (by name) wins
@@ -326,7 +329,8 @@ def collect(results_dir: str | os.PathLike) -> pd.DataFrame:
                     "value": sum(vals[t] for t in COMMONSENSE_TASKS) / len(COMMONSENSE_TASKS),
                     "stderr": math.nan, "n": None}
         for r in run_rows.values():
-            dbits, dgroup = deployment(mcfg, r["mode"], ecfg, requant_of.get(r["mode"]))
+            # the evaluation's own record first; a run folder written before eval_config existed: its config.yaml
+            dbits, dgroup = deployment(mcfg, r["mode"], ecfg_of.get(r["mode"], ecfg), requant_of.get(r["mode"]))
             rows.append({**info, **r, "deploy_bits": dbits, "deploy_group_size": dgroup})
     df = pd.DataFrame(rows, columns=COLUMNS)
     for c in ("bits", "group_size", "rank", "seed", "shots", "n", "deploy_group_size", "trainable_params",
@@ -1016,13 +1020,16 @@ def lr_choice_table(df: pd.DataFrame) -> pd.DataFrame:
                          "deploy_bits": r.deploy_bits, "deploy_group_size": r.deploy_group_size, "rank": r.rank,
                          "alpha": r.alpha, "shots": r.shots, "config": r.lr_group, "lr": float(r.lr),
                          "validation acc (%)": float(r.mean), "ci_lo": r.ci_lo, "ci_hi": r.ci_hi,
-                         "n items": r.n_items, "seeds": int(r.n_seeds),
-                         "chosen": "yes" if float(r.lr) == chosen else ""})
+                         "n items": r.n_items, "n facts": getattr(r, "n_units", r.n_items),
+                         "seeds": int(r.n_seeds), "chosen": "yes" if float(r.lr) == chosen else ""})
     out = pd.DataFrame(rows)
     out = _sort_rows(out).rename(columns={"deploy_bits": "bits", "deploy_group_size": "group"})
-    for c in ("group", "rank", "n items"):
+    for c in ("group", "rank", "n items", "n facts"):
         out[c] = out[c].astype("Int64")
     shown = ["model", "data", "method", "mode", "bits", "group", "rank"]
+    cols = LR_CHOICE_COLUMNS[LR_CHOICE_COLUMNS.index("lr"):]
+    if (out["n facts"] != out["n items"]).any():  # the bootstrap's units (the synthetic task's facts)
+        cols = cols[:cols.index("n items") + 1] + ["n facts"] + cols[cols.index("n items") + 1:]
     for c in ("alpha", "shots"):
         if out[c].astype(str).nunique() > 1:
             shown.append(c)
@@ -1030,7 +1037,7 @@ def lr_choice_table(df: pd.DataFrame) -> pd.DataFrame:
     if out.duplicated(shown + ["lr"]).any():
         shown.append("config")
     out["lr"] = [fmt_lr(x) for x in out["lr"]]
-    return out[shown + LR_CHOICE_COLUMNS[LR_CHOICE_COLUMNS.index("lr"):]].reset_index(drop=True)
+    return out[shown + cols].reset_index(drop=True)
 
 
 def tables(df: pd.DataFrame, paper_csv: str | os.PathLike | None = None) -> dict[str, pd.DataFrame]:

@@ -335,6 +335,7 @@ def test_requant_list_rows_match_the_papers_3_and_2_bit_rows(results, tmp_path):
     shutil.copytree(src, rd)
     shutil.rmtree(rd / "eval")
     cfg = yaml.safe_load((rd / "config.yaml").read_text())
+    cfg.setdefault("eval", {})  # a run folder written before config.yaml held the training settings only
     cfg["eval"]["modes"] = ["4+16", "requant"]
     cfg["eval"]["requant"] = [{"bits": b, "group_size": 32, "quantizer": "gptq"} for b in (4, 3, 2)]
     (rd / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
