@@ -56,6 +56,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     return d
 
 
+def _with_defaults(method, saved: dict) -> dict:
+    """The saved hyperparameters with those the method gained since (absent from an older adapter) at their
+    defaults, which is the behaviour the adapter was trained with (e.g. ``gptq_groups``)."""
+    return {**{k: h.default for k, h in method.hyperparameters.items() if k not in saved}, **saved}
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter`. An unprepared model is prepared with the saved method."""
     from .registry import build
@@ -68,7 +74,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if method is None:
         method = build(cfg["method"], **cfg["hyperparameters"])
         method.prepare(model)
-    elif method.name != cfg["method"] or method.hp != cfg["hyperparameters"]:
+    elif method.name != cfg["method"] or method.hp != _with_defaults(method, cfg["hyperparameters"]):
         raise ConfigError(f"load_adapter: the model was prepared with {method!r} but {d} holds an adapter of "
                           f"{cfg['method']!r} with {cfg['hyperparameters']}; prepare a fresh model instead.")
     own = adapter_state_dict(model)

@@ -441,3 +441,24 @@ def test_gptq_groups_selects_the_released_group_statistics(tiny_model):
     assert key["gptq_groups"] == "released" and "gptq_groups" not in methods.build("qalora", quantizer="gptq").base_key()
     with pytest.raises(methods.ConfigError, match=r"gptq_groups='released' only applies to a GPTQ base"):
         methods.build("qalora", gptq_groups="released")
+
+
+def test_an_adapter_saved_before_a_hyperparameter_existed_still_loads(tmp_path, tiny_model):
+    """A hyperparameter added later (gptq_groups, 2026-12-02) is absent from older adapter_config.json files: such
+    an adapter loads, into a fresh or an already prepared model, with the new hyperparameter at its default (the
+    behaviour it was trained with); a real mismatch is still an error."""
+    import json
+
+    m = methods.build("qalora", rank=4, group_size=32)
+    model = m.prepare(copy.deepcopy(tiny_model))
+    methods.save_adapter(model, tmp_path / "a")
+    cfg_path = tmp_path / "a" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["hyperparameters"]["gptq_groups"]
+    cfg_path.write_text(json.dumps(cfg))
+    for target in (copy.deepcopy(tiny_model), methods.build("qalora", rank=4, group_size=32).prepare(copy.deepcopy(tiny_model))):
+        loaded = methods.load_adapter(target, tmp_path / "a")
+        assert loaded.qft_method.hp["gptq_groups"] == "updated"
+    with pytest.raises(methods.ConfigError, match="holds an adapter of"):
+        methods.load_adapter(methods.build("qalora", rank=8, group_size=32).prepare(copy.deepcopy(tiny_model)),
+                             tmp_path / "a")
