@@ -366,6 +366,12 @@ TRAINING_KEYS = ("model", "method", "data", "calibration", "train", "seed")
 HASH_NEUTRAL = {("data", "empty_outputs"): "keep", ("method", "gptq_groups"): "updated"}
 
 
+def training_view(cfg: dict) -> dict:
+    """The part of a run config that determines the base and the training (what prepare/finetune get, and what a
+    run folder's config.yaml records)."""
+    return {k: cfg[k] for k in (*TRAINING_KEYS, "paths")}
+
+
 def hash_view(cfg: dict) -> dict:
     """The training-relevant sections (:data:`TRAINING_KEYS`) with the :data:`HASH_NEUTRAL` settings at their
     neutral values left out: what a run id (and the report's configuration ids) hash."""

@@ -452,7 +452,7 @@ def items_of(samples: Mapping[str, list[dict]]) -> dict[str, dict[str, list]]:
             except (TypeError, ValueError):  # not a log-likelihood task (e.g. generation): no prediction index
                 lls.append(None)
         cols["pred"] = [_argmax(v) if v else None for v in lls]
-        facts = [(r.get("doc") or {}).get("fact") if isinstance(r.get("doc"), dict) else None for r in rows]
+        facts = [r["doc"].get("fact") if isinstance(r.get("doc"), dict) else None for r in rows]
         if all(f is not None for f in facts):
             cols["cluster"] = [int(f) for f in facts]
         for metric in ("acc", "acc_norm"):

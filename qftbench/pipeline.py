@@ -79,7 +79,7 @@ def _base_method(cfg) -> dict:
 
     def same(entry) -> bool:
         try:
-            return methods.build(entry["name"], **{k: v for k, v in entry.items() if k != "name"}).base_key() == key
+            return build_method({"method": entry}).base_key() == key
         except Exception:  # noqa: BLE001 - an entry that cannot be built is simply not a candidate
             return False
 
@@ -253,7 +253,7 @@ def finetune_step(cfg, *, stop_after: int | None = None) -> Path:
     rd.mkdir(parents=True, exist_ok=True)
     # exactly the configuration that trained the run (what the finetune job got); each evaluation records its own
     # settings in its eval/<mode>/<tasks>.json ("eval_config"), so no section here can disagree with a job
-    trained = {k: cfg[k] for k in (*C.TRAINING_KEYS, "paths")}
+    trained = C.training_view(cfg)
     (rd / "config.yaml").write_text("# the configuration that trained this run; each evaluation's settings are in "
                                     "its eval/<mode>/<tasks>.json (eval_config)\n"
                                     + yaml.safe_dump(trained, sort_keys=False))

@@ -558,6 +558,15 @@ def n_questions(aligned: dict, keep: Mapping[str, list] | None = None) -> int:
     return sum(len(keep[k]) if keep is not None else len(v[0]) for k, v in aligned.items() if k != "_weighted")
 
 
+def with_n_facts(cols: list[str], t: pd.DataFrame) -> list[str]:
+    """``cols`` with ``n facts`` (the bootstrap's units) after ``n items`` where the two differ in ``t`` (items that
+    form clusters: the synthetic task's facts); unchanged otherwise."""
+    if "n facts" not in t or not (t["n facts"] != t["n items"]).any():
+        return cols
+    i = cols.index("n items") + 1
+    return cols[:i] + ["n facts"] + cols[i:]
+
+
 def fmt_n(n_items, n_units) -> str:
     """``n=300`` or, where the items form clusters (the synthetic task's facts), ``n=300 (60 facts)``."""
     if n_items is None or pd.isna(n_items):
@@ -963,10 +972,8 @@ def paired_table(agg: pd.DataFrame) -> pd.DataFrame:
                                 "p": f"{res.p:.3g}", "n items": n_questions(ca, keep), "n facts": res.n_items,
                                 "seeds A/B": f"{res.n_seeds_a}/{res.n_seeds_b}", "verdict": verdict,
                                 "claim": claim})
-    full = cols[:cols.index("n items") + 1] + ["n facts"] + cols[cols.index("n items") + 1:]
-    t = pd.DataFrame(out, columns=full)
-    # the bootstrap's units: shown where items form clusters (the synthetic task's facts), else equal to n items
-    return t if (t["n facts"] != t["n items"]).any() else t.drop(columns="n facts")
+    t = pd.DataFrame(out, columns=cols + ["n facts"])
+    return t[with_n_facts(cols, t)]
 
 
 #: the task the learning-rate rule reads (the synthetic validation split); never the test task ``synthetic``
@@ -1027,9 +1034,7 @@ def lr_choice_table(df: pd.DataFrame) -> pd.DataFrame:
     for c in ("group", "rank", "n items", "n facts"):
         out[c] = out[c].astype("Int64")
     shown = ["model", "data", "method", "mode", "bits", "group", "rank"]
-    cols = LR_CHOICE_COLUMNS[LR_CHOICE_COLUMNS.index("lr"):]
-    if (out["n facts"] != out["n items"]).any():  # the bootstrap's units (the synthetic task's facts)
-        cols = cols[:cols.index("n items") + 1] + ["n facts"] + cols[cols.index("n items") + 1:]
+    cols = with_n_facts(LR_CHOICE_COLUMNS[LR_CHOICE_COLUMNS.index("lr"):], out)
     for c in ("alpha", "shots"):
         if out[c].astype(str).nunique() > 1:
             shown.append(c)

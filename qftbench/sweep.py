@@ -359,9 +359,7 @@ def resources(sweep: dict, cfg: dict) -> dict[str, Any]:
     return res
 
 
-def training_view(cfg: dict) -> dict:
-    """The part of a run config that determines the base and the training (what prepare/finetune get)."""
-    return {k: cfg[k] for k in (*C.TRAINING_KEYS, "paths")}
+training_view = C.training_view  # (the finetune job's config; defined next to TRAINING_KEYS)
 
 
 def eval_jobs(cfg: dict) -> list[dict]:
