@@ -15,6 +15,7 @@ from .errors import ConfigError
 
 WEIGHTS = "adapter.safetensors"
 CONFIG = "adapter_config.json"
+PEFT_CONFIG = "qftbench_adapter.json"  # beside a peft adapter folder's own files (methods.peft_method)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -46,6 +47,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     if method is None:
         raise ConfigError("save_adapter: the model carries no prepared method (prepare it first; a merged model "
                           "has no separate adapter).")
+    if hasattr(method, "save_adapter"):  # a method with its own adapter format (peft: a peft adapter folder)
+        method.save_adapter(model, directory)
+        return Path(directory)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
@@ -67,6 +71,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     from .registry import build
 
     d = Path(directory)
+    if (d / PEFT_CONFIG).is_file():  # saved by the peft method (a peft adapter folder + this description)
+        cfg = json.loads((d / PEFT_CONFIG).read_text())
+        method = getattr(model, "qft_method", None)
+        if method is None:
+            method = build(cfg["method"], **cfg["hyperparameters"])
+            method.prepare(model)
+        elif method.name != cfg["method"] or method.hp != _with_defaults(method, cfg["hyperparameters"]):
+            raise ConfigError(f"load_adapter: the model was prepared with {method!r} but {d} holds an adapter of "
+                              f"{cfg['method']!r} with {cfg['hyperparameters']}; prepare a fresh model instead.")
+        method.load_adapter(model, d)
+        return model
     if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
         raise ConfigError(f"load_adapter: {d} does not hold {CONFIG} and {WEIGHTS} (written by save_adapter).")
     cfg = json.loads((d / CONFIG).read_text())

@@ -96,6 +96,9 @@ class Method:
     #: hyperparameters that a sweep's ``grid`` does not cross with this method (e.g. QA-HiRA's rank, which
     #: only enters the scaling); a method entry may still set them explicitly
     not_grid_axes: ClassVar[tuple[str, ...]] = ()
+    #: training needs the gradient of the frozen base weight's matmul too (PEQA: the scales sit inside it);
+    #: counted in the training FLOPs (qftbench.accounting)
+    needs_base_weight_grad: ClassVar[bool] = False
 
     def __init__(self, **hp: Any):
         unknown = [k for k in hp if k not in self.hyperparameters]
@@ -162,6 +165,15 @@ class Method:
         g = self.geometry()
         n_in, n_out = d_in // g.p, d_out // g.q
         return n_out * n_in if g.rank is None else g.rank * (n_in + n_out)
+
+    def layer_trainable_params(self, name: str, d_out: int, d_in: int) -> int:
+        """Trainable parameters of the target layer ``name`` (a method whose count depends on the layer's name, as
+        peft's IA3 on feed-forward layers, overrides this; the others count from the shape alone)."""
+        return self.trainable_params(d_out, d_in)
+
+    def layer_adapter_flops_per_token(self, name: str, d_out: int, d_in: int) -> int:
+        """:meth:`adapter_flops_per_token` of the target layer ``name``."""
+        return self.adapter_flops_per_token(d_out, d_in)
 
     def adapter_flops_per_token(self, d_out: int, d_in: int) -> int:
         """Matrix-multiply FLOPs (2 per multiply-add, as torch's FLOP counter counts) of ``Δy`` for one token.
@@ -298,6 +310,11 @@ class Method:
     # -------------------------------------------------------------------------------------- merge
     def merge(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         """The deployable model, in place. 16-bit merge by default (``dtype`` defaults to float16)."""
+        return self.merge_dense(model, dtype)
+
+    def merge_dense(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        """Merge every adapter into a dense 16-bit weight ``dequantize(base) + ΔW`` (the ``fp16-merge`` mode of
+        every method, and what the "merged then re-quantized" baselines re-quantize). In place."""
         from .quant.scheme import dequantize_module
         dtype = dtype or torch.float16
         for name, mod in list(model.named_modules()):

@@ -16,6 +16,7 @@ class PEQA(Method):
     name = "peqa"
     summary = "INTk base, only the per-group scales are trained; exact merge (new scales)"
     deploy = "int-merge"
+    needs_base_weight_grad = True
     hyperparameters = {
         "bits": Hyper(4, int, "bits of the INT base", choices=(2, 3, 4, 8)),
         "group_size": Hyper(32, int, "quantization group along the input (one trainable scale per group)",

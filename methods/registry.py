@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "qahira-ref": "methods.qahira:QAHiRARef",
     "peqa": "methods.peqa:PEQA",
     "base": "methods.untuned:Base",
+    "peft": "methods.peft_method:Peft",
 }
 
 

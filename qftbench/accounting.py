@@ -244,10 +244,10 @@ def account(model: Any, method: Any, *, seq_len: int = DEFAULT_SEQ_LEN, **hp: An
                              f"by the adapter's pooling p={g.p} (in) / repeat q={g.q} (out); choose values that "
                              "divide every target layer's width, or exclude the layer with targets=[...].")
 
-    trainable = sum(int(method.trainable_params(o, i)) for _, o, i in targets)
-    f_ad = sum(int(method.adapter_flops_per_token(o, i)) for _, o, i in targets)
+    trainable = sum(int(method.layer_trainable_params(n, o, i)) for n, o, i in targets)
+    f_ad = sum(int(method.layer_adapter_flops_per_token(n, o, i)) for n, o, i in targets)
     base = base_flops_per_token(cfg, seq_len)
-    f_wgrad = 2 * sum(o * i for _, o, i in targets) if g is None and trainable else 0
+    f_wgrad = 2 * sum(o * i for _, o, i in targets) if method.needs_base_weight_grad and trainable else 0
     forward = base["total"] + f_ad
     backward = (base["linear"] + base["lm_head"] + 2 * base["attention"] + 2 * f_ad + f_wgrad) if trainable else 0
     skip_base = 2 * sum(o * i for _, o, i in linear_shapes(cfg)[:3])  # layer 0's q, k, v

@@ -388,6 +388,13 @@ def run_id(cfg: dict) -> str:
     canon = json.dumps(hash_view(cfg), sort_keys=True, default=str)
     h = hashlib.sha256(canon.encode()).hexdigest()[:8]
     parts = [cfg["model"].get("label") or Path(str(cfg["model"]["name"])).name, m["name"]]
+    if m["name"] == "peft":  # which peft method, its rank and base: peft-dora-r16-nf4
+        from methods.peft_method import label
+
+        parts.append(label(m))
+        if isinstance((m.get("peft") or {}).get("r"), int):
+            parts.append(f"r{m['peft']['r']}")
+        parts.append(m.get("base", "16bit"))
     if "rank" in m:
         parts.append(f"r{m['rank']}")
     if "bits" in m:

@@ -266,6 +266,9 @@ def finetune_step(cfg, *, stop_after: int | None = None) -> Path:
         if not summary["finished"]:
             return rd
         methods.save_adapter(model, rd / "adapter")
+    elif method.hp.get("adapter"):  # a trained adapter evaluated as it is (peft's adapter=): kept with the run
+        summary = {"steps": 0, "finished": True, "note": f"not trained: the adapter {method.hp['adapter']}"}
+        methods.save_adapter(model, rd / "adapter")
     else:  # the un-tuned base: nothing to train
         summary = {"steps": 0, "finished": True, "note": "no trainable parameters (un-tuned base)"}
     spec = cfg["model"]["name"] if _known(cfg) else model.config.to_dict()
@@ -319,7 +322,7 @@ def deployed_model(cfg, mode: str):
     elif mode == "int-merge":
         method.merge(model)
     elif mode == "fp16-merge" or rq is not None:
-        methods.Method.merge(method, model, dtype=torch.float16) if method.name != "base" else None
+        method.merge_dense(model, dtype=torch.float16) if method.name != "base" else None
         model.to(DTYPES.get(cfg["model"]["dtype"], torch.float32))
         if rq is not None:
             from methods.quant.scheme import QuantScheme

@@ -256,6 +256,11 @@ def _run_info(rd: Path) -> dict | None:
     if not cfg:
         return None
     m, train, acc = cfg.get("method") or {}, _read_json(rd / "train.json"), _read_json(rd / "accounting.json")
+    if m.get("name") == "peft":  # one row name per peft method and base (peft-dora-nf4); its rank is peft's r
+        from methods.peft_method import table_name
+
+        m = {**m, "name": table_name(m), "rank": (m.get("peft") or {}).get("r"),
+             "bits": 4 if m.get("base") == "nf4" else 16}
     return {
         "run_id": rd.name,
         "model": Path(str(cfg["model"]["name"])).name,

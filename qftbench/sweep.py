@@ -7,7 +7,9 @@ A sweep config (``config/default.yaml``, ``config/paper.yaml``, ...) has these k
     data:      {synthetic: {source: synthetic}}          # label -> run-config data section
     methods:   [{name: qlora}, {name: qalora, bits: [4, 3, 2]}]   # a list value is a grid axis
                # an entry may also carry models: [labels], data: [labels] and seeds: [..] (a subset of the
-               # sweep's seeds: e.g. {name: base, seeds: [0]}, the un-tuned pretrained model evaluated once)
+               # sweep's seeds: e.g. {name: base, seeds: [0]}, the un-tuned pretrained model evaluated once),
+               # and train: {...}, run-config settings of this entry's runs only (e.g. the learning rate of one
+               # of several peft entries, which overrides.method, keyed by method name, cannot tell apart)
     grid:      {rank: [8, 16], train.lr: [5.0e-4, 2.0e-3]}   # crossed with every method that has it
     seeds:     [0]
     run:       {train: ..., eval: ..., calibration: ..., paths: ...}   # defaults of every run config
@@ -65,8 +67,8 @@ SCHEMA = {
              "required": ["name"], "additionalProperties": False}]}},
         "data": {"type": "object", "minProperties": 1, "additionalProperties": {"type": "object"}},
         "methods": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["name"]}},
-        # a method entry may carry `models: [labels]` / `data: [labels]` to run only there, and `seeds: [..]`
-        # (a subset of the sweep's seeds) to run only at those
+        # a method entry may carry `models: [labels]` / `data: [labels]` to run only there, `seeds: [..]`
+        # (a subset of the sweep's seeds) to run only at those, and `train: {..}` (settings of its runs only)
         "grid": {"type": "object", "additionalProperties": {"type": "array", "minItems": 1}},
         "seeds": {"type": "array", "minItems": 1, "items": {"type": "integer"}},
         "run": {"type": "object"},
@@ -179,6 +181,10 @@ def _sets(node: dict | None, section: str, key: str) -> bool:
     return isinstance(node, dict) and isinstance(node.get(section), dict) and key in node[section]
 
 
+#: keys of a method entry that are not method hyperparameters (where, at which seeds, and run settings of its runs)
+ENTRY_KEYS = ("models", "data", "seeds", "train")
+
+
 def _method_variants(entry: dict, grid: dict, where: str) -> list[dict]:
     import methods
 
@@ -186,7 +192,7 @@ def _method_variants(entry: dict, grid: dict, where: str) -> list[dict]:
         cls = methods.get(entry["name"])
     except ConfigError as e:
         raise ConfigError(f"{where}: methods: {e}") from None
-    entry = {k: v for k, v in entry.items() if k not in ("models", "data", "seeds")}
+    entry = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
     axes = {k: v for k, v in entry.items() if k != "name" and isinstance(v, list) and k != "targets"}
     fixed = {k: v for k, v in entry.items() if k not in axes}
     for k, values in grid.items():
@@ -267,6 +273,9 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
                                    (f"overrides.model.{model['label']}", ov.get("model", {}).get(model["label"]))]
                         raw = C._merge(raw, ov.get("method", {}).get(variant["name"], {}))
                         raw = C._merge(raw, ov.get("model", {}).get(model["label"], {}))
+                        if "train" in entry:  # this entry's own run settings (after the by-name overrides)
+                            sources.append((f"methods[{mi}].train", {"train": entry["train"]}))
+                            raw = C._merge(raw, {"train": entry["train"]})
                         facts = {"method": variant["name"], "model": model["label"], "data": data_label,
                                  "bits": variant.get("bits"), "rank": variant.get("rank"), "seed": seed}
                         for j, rule in enumerate(ov.get("match", [])):

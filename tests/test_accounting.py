@@ -89,7 +89,8 @@ def test_builtin_configs_build_the_same_model_on_meta():
 # ------------------------------------------------------------------------------ tiny model, measured
 HP = {"lora": {"rank": 8}, "qlora": {"rank": 8}, "qalora": {"rank": 8, "group_size": 32},
       "loftq": {"rank": 8, "iters": 1}, "qbara": {"rank": 8, "k": 2}, "qahira": {"group_size": 32},
-      "qahira-ref": {}, "peqa": {"group_size": 32}, "base": {"bits": 4, "quant_type": "int", "group_size": 32}}
+      "qahira-ref": {}, "peqa": {"group_size": 32}, "base": {"bits": 4, "quant_type": "int", "group_size": 32},
+      "peft": {"peft": {"peft_type": "LORA", "r": 8, "lora_alpha": 16}}}  # measured (methods.peft_method.measure)
 B, S = 2, 24
 
 
@@ -182,8 +183,9 @@ def test_account_matches_prepared_tiny_model(ids, name):
     first_qkv = linear_shapes(cfg)[:3]
     missing = (r["train_flops_per_token"] - r["flops"]["first_layer_input_grad_base"]) * tokens - (fwd + bwd)
     assert 0 <= missing <= sum(method.adapter_flops_per_token(o, i) for _, o, i in first_qkv) * tokens
-    if name in ("lora", "peqa"):
-        assert missing == sum(2 * hp.get("rank", 0) * i for _, _, i in first_qkv) * tokens
+    if name in ("lora", "peqa", "peft"):
+        rank = hp.get("rank", hp.get("peft", {}).get("r", 0))
+        assert missing == sum(2 * rank * i for _, _, i in first_qkv) * tokens
 
 
 def test_every_method_is_measured():

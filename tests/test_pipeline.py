@@ -36,11 +36,15 @@ METHODS = [
     {"name": "qahira-ref", "rank": 4, "alpha": 8},
     {"name": "peqa"},
     {"name": "base", "bits": 4, "group_size": 32},
+    # peft's methods through the same pipeline (methods/peft_method.py): rsLoRA on the NF4 base, VeRA on 16 bits
+    {"name": "peft", "base": "nf4", "peft": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": True}},
+    {"name": "peft", "base": "16bit", "peft": {"peft_type": "VERA", "r": 8}},
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS, ids=[m["name"] for m in METHODS])
+@pytest.mark.parametrize("method", METHODS, ids=[m["name"] + ("-" + m["peft"]["peft_type"].lower() if "peft" in m
+                                                                 else "") for m in METHODS])
 def test_end_to_end_per_method(tmp_path, method):
     cfg = tiny_cfg(tmp_path, method)
     rd = P.run_all(cfg)
@@ -74,9 +78,13 @@ def test_end_to_end_per_method(tmp_path, method):
     assert {"git", "versions", "hardware", "seed", "data", "method"} <= set(prov)
     assert prov["versions"]["torch"] and prov["data"]["synthetic"]["seed"] == 0
     # a finished run is never trained again or overwritten
-    before = (rd / "train.json").read_bytes(), (rd / "adapter").exists() and (rd / "adapter" / "adapter.safetensors").read_bytes()
+    def files():
+        return (rd / "train.json").read_bytes(), {p.name: p.read_bytes() for p in sorted(rd.glob("adapter/*"))}
+
+    before = files()
+    assert before[1] or method["name"] == "base"
     P.finetune_step(cfg)
-    assert before == ((rd / "train.json").read_bytes(), (rd / "adapter").exists() and (rd / "adapter" / "adapter.safetensors").read_bytes())
+    assert before == files()
 
 
 @pytest.mark.slow

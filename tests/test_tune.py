@@ -146,9 +146,9 @@ def test_tune_config():
     sweep = S.load(REPO / "config" / "tune.yaml")
     default = S.load(REPO / "config" / "default.yaml")
     runs = S.expand(sweep)
-    assert len(runs) == 25  # base once + 8 methods x 3 learning rates
+    assert len(runs) == 40  # base once + (8 suite methods + 5 peft methods) x 3 learning rates
     trained = [c for c in runs.values() if c["method"]["name"] != "base"]
-    assert len(trained) == 24 and {c["method"].get("rank") for c in trained if c["method"]["name"] in
+    assert len(trained) == 39 and {c["method"].get("rank") for c in trained if c["method"]["name"] in
                                    ("lora", "qlora", "qalora", "loftq", "qbara")} == {16}
     lrs = sorted(sweep["grid"]["train.lr"])
     assert all(b / a == pytest.approx(4) for a, b in zip(lrs, lrs[1:]))
@@ -175,8 +175,10 @@ def test_methods_config_is_the_default_with_every_method():
     default, every = (S.load(REPO / "config" / f"{n}.yaml") for n in ("default", "methods"))
     d_runs, m_runs = S.expand(default), S.expand(every)
     assert set(d_runs) <= set(m_runs)
-    assert {c["method"]["name"] for c in m_runs.values()} == set(methods.names())  # every registered method
-    assert {c["method"]["name"] for c in S.expand(tune).values()} == {c["method"]["name"] for c in m_runs.values()}
+    # every registered method but peft (its methods are config/peft.yaml's: test_peft_config)
+    assert {c["method"]["name"] for c in m_runs.values()} == set(methods.names()) - {"peft"}
+    assert {c["method"]["name"] for c in S.expand(tune).values()} - {"peft"} == \
+        {c["method"]["name"] for c in m_runs.values()}
     grid = set(tune["grid"]["train.lr"])
     for c in m_runs.values():
         if c["method"]["name"] != "base":
@@ -185,6 +187,41 @@ def test_methods_config_is_the_default_with_every_method():
     assert sorted({c["seed"] for c in d_runs.values()}) == [0, 1, 2]
     assert sum(c["method"]["name"] == "base" for c in d_runs.values()) == 1
     assert every["data"] == default["data"] and every["run"] == default["run"]
+
+
+def test_peft_config():
+    """config/peft.yaml: the default's task, steps and seeds; its five peft entries are tune.yaml's five (so the
+    tuning runs at the chosen rate are its seed-0 runs), each at a rate of the tuning grid; its suite methods are
+    methods.yaml's runs (same run ids)."""
+    from methods.peft_method import table_name
+
+    tune, every, pft = (S.load(REPO / "config" / f"{n}.yaml") for n in ("tune", "methods", "peft"))
+    t_runs, m_runs, p_runs = S.expand(tune), S.expand(every), S.expand(pft)
+    peft_entries = [e for e in pft["methods"] if e["name"] == "peft"]
+    assert [{k: v for k, v in e.items() if k != "train"} for e in peft_entries] == \
+        [e for e in tune["methods"] if e["name"] == "peft"]
+    labels = {table_name(e) for e in peft_entries}
+    assert labels == {"peft-dora-nf4", "peft-rslora-nf4", "peft-pissa-16bit", "peft-vera-nf4", "peft-ia3-nf4"}
+    grid = set(tune["grid"]["train.lr"])
+    ours = {rid: c for rid, c in p_runs.items() if c["method"]["name"] != "peft"}
+    assert set(ours) <= set(m_runs)  # lora, qlora, qalora, base: methods.yaml's runs
+    for rid, c in p_runs.items():
+        if c["method"]["name"] == "peft":
+            assert c["train"]["lr"] in grid and c["seed"] in (0, 1, 2)
+            if c["seed"] == 0:
+                assert rid in t_runs  # the tuning run at the chosen rate
+    assert sum(c["method"]["name"] == "peft" for c in p_runs.values()) == 15
+    assert pft["data"] == every["data"] and pft["run"] == every["run"]
+
+
+def test_an_entry_train_setting_applies_to_its_runs_only_and_never_overrides_a_grid_axis():
+    sweep = {"models": ["tiny-llama"], "data": {"s": {"source": "synthetic"}},
+             "methods": [{"name": "lora", "rank": 4}, {"name": "lora", "rank": 8, "train": {"lr": 1.0e-2}}],
+             "run": {"train": {"lr": 1.0e-3, "max_steps": 2}}}
+    runs = S.expand(sweep)
+    assert sorted((c["method"]["rank"], c["train"]["lr"]) for c in runs.values()) == [(4, 1e-3), (8, 1e-2)]
+    with pytest.raises(ConfigError, match=r"grid.train.lr and methods\[1\].train both set train.lr"):
+        S.expand({**sweep, "grid": {"train.lr": [1e-3, 2e-3]}})
 
 
 # ---------------------------------------------------------------------------------------- the lr_choice rule

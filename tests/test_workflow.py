@@ -48,8 +48,11 @@ EXPECTED = {
     # 4 runs x 3 evaluation groups (MMLU 0-shot, MMLU 5-shot, commonsense); bases: 16-bit, NF4, INT4 g32 (qalora
     # and qahira share it)
     "local": {"quantize_base": 3, "finetune": 4, "evaluate": 12, "report": 1, "all": 1, "total": 21},
-    # 1 base + 8 methods x 3 learning rates, each evaluated once on the validation split
-    "tune": {"finetune": 25, "evaluate": 25, "report": 1, "all": 1},
+    # 1 base + (8 suite methods + 5 peft methods) x 3 learning rates, each evaluated once on the validation split
+    "tune": {"finetune": 40, "evaluate": 40, "report": 1, "all": 1},
+    # 25 runs: base once + 3 seeds x (lora, qlora, qalora + 5 peft methods); bases: 16-bit (base, lora, PiSSA),
+    # NF4 (qlora, DoRA, rsLoRA, VeRA, IA3: qlora's base, one job), INT4 g32 (qalora)
+    "peft": {"quantize_base": 3, "finetune": 25, "evaluate": 25, "report": 1, "all": 1, "total": 55},
     # 2 runs (the un-tuned INT4 g32 base and qalora share one base) x 3 evaluation groups
     "tiny-real": {"quantize_base": 1, "finetune": 2, "evaluate": 6, "report": 1, "all": 1, "total": 11},
     # 206 configurations x 3 seeds = 618 runs (test_paper_grid_size); 3 evaluation groups each, qlora in four
