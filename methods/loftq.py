@@ -7,7 +7,9 @@ Start with ``A = B = 0``. For ``t = 1..T``::
     B = U_r √Σ_r / √s,   A = √Σ_r V_rᵀ / √s        (so that Q_t + s·B·A is the best rank-r correction)
 
 ``scale_compensation=False`` drops the ``/√s`` as peft does (its correction is then only ``s`` times the
-residual). The base is NF4 through bitsandbytes (bits=4, quant_type='nf', bitsandbytes-compatible), the own
+residual): with one iteration, or with ``s = 1``, that is peft's LoftQ formula for formula
+(``tests/test_peft_method.py``); with several iterations and ``s != 1`` peft subtracts ``L·R`` inside the loop
+where this subtracts ``s·B·A``, the part the adapter adds. The base is NF4 through bitsandbytes (bits=4, quant_type='nf', bitsandbytes-compatible), the own
 NF2/NF3 codebook quantizer, or INTk (quant_type='int'). The quantizer inside the loop is exactly the one that
 stores the base, so ``Q_T`` is what the deployed model dequantizes to.
 """
@@ -68,7 +70,7 @@ class LoftQ(Method):
         "iters": Hyper(5, int, "LoftQ alternating iterations T (the paper uses 5; T=1 is QLoRA + SVD)",
                        minimum=1),
         "scale_compensation": Hyper(True, bool, "divide A and B by sqrt(s) so that s·B·A is the best rank-r "
-                                    "correction (False reproduces peft's LoftQ)"),
+                                    "correction (False: peft's LoftQ; identical for iters=1 or s=1)"),
         "targets": TARGETS, "seed": SEED,
     }
 

@@ -210,3 +210,36 @@ def test_dora_on_nf4_refuses_the_cpu_widths_where_bitsandbytes_dequantizes_wrong
     m = methods.build("peft", base="nf4", peft={"peft_type": "LORA", "r": 4, "use_dora": True})
     with pytest.raises(ShapeError, match="in_features=96, not a multiple of 64"):
         m.prepare(_tiny())  # widths 96 and 160
+
+
+def test_loftq_without_scale_compensation_is_peft_loftq_formulas_on_a_dequantized_copy():
+    """peft's LoftQ (peft.utils.loftq_utils.loftq_init) cannot run here: it moves every weight to "cuda" (or
+    "xpu") unconditionally. So its formulas are compared on the same dequantized NF4 copy instead: peft's own
+    SVD split (_low_rank_decomposition, plain torch) of the residual W - Q gives lora_A = R, lora_B = L, which
+    must be the suite's loftq A, B with scale_compensation=False; and peft's alternation Q_t = quant(W - L·R)
+    (without the scaling s) is the suite's when s = 1. (With s != 1 they differ by design: the suite subtracts
+    s·B·A, the part the adapter actually adds; peft subtracts L·R. peft also quantizes without double
+    quantization inside the loop, the suite with the NF4 + DQ format that stores the base.)"""
+    from peft.utils.loftq_utils import _low_rank_decomposition
+
+    from methods.loftq import loftq_decompose
+    from methods.quant.scheme import QuantScheme
+
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(0))
+    scheme = QuantScheme(kind="bnb-nf4", bits=4, blocksize=64)
+    _, a, b, _ = loftq_decompose(w, scheme, rank=4, scaling=2.0, iters=1, scale_compensation=False)
+    ref = _low_rank_decomposition(w - scheme.fake_quant(w), reduced_rank=4)
+    assert torch.equal(a, ref["R"][:4]) and torch.equal(b, ref["L"])
+    # two iterations at s = 1: peft's loop, step by step, with the same quantizer
+    target, a2, b2, errors = loftq_decompose(w, scheme, rank=4, scaling=1.0, iters=2, scale_compensation=False)
+    it = []
+    res_target = w
+    for _ in range(2):
+        q = scheme.fake_quant(res_target)
+        out = _low_rank_decomposition(w - q, reduced_rank=4)
+        it.append((res_target, out["R"][:4], out["L"], float((w - (q + out["L"] @ out["R"][:4])).norm())))
+        res_target = w - out["L"] @ out["R"][:4]
+    assert [e for *_, e in it] == pytest.approx(errors[1:], rel=1e-6)
+    best = min(it, key=lambda x: x[3])  # the suite keeps the best iterate (see loftq_decompose)
+    torch.testing.assert_close(a2, best[1]), torch.testing.assert_close(b2, best[2])
+    torch.testing.assert_close(target, best[0])
