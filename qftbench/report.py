@@ -990,7 +990,7 @@ LR_GROUP_KEYS = ["model", "data", "method", "mode", "deploy_bits", "deploy_group
 #: two mean accuracies (percent) closer than this are equal for the rule
 LR_TIE_TOL = 1e-9
 LR_CHOICE_COLUMNS = ["model", "data", "method", "mode", "bits", "group", "rank", "lr", "validation acc (%)",
-                     "ci_lo", "ci_hi", "n items", "seeds", "chosen"]
+                     "ci_lo", "ci_hi", "n items", "seeds", "chosen", "edge"]
 
 
 def choose_lr(scores: Mapping[float, float]) -> float:
@@ -1011,7 +1011,8 @@ def lr_choice_table(df: pd.DataFrame) -> pd.DataFrame:
     ``qft_synthetic_val`` (task ``synthetic_val``) --, its 95% interval over items and seeds (``ci_lo``,
     ``ci_hi``, from :func:`aggregate`; empty without per-item records), ``n items`` and ``seeds``, and
     ``chosen`` = ``yes`` on the lr the rule picks: the **highest mean validation accuracy; equal means go to
-    the smaller lr** (:func:`choose_lr`). No other task is read -- in particular never the test split
+    the smaller lr** (:func:`choose_lr`); ``edge`` = ``top`` / ``bottom`` on a chosen lr at the end of the
+    group's grid (a rate beyond it was not tried and might do better). No other task is read -- in particular never the test split
     ``synthetic`` --, so the choice cannot look at a test item. ``base`` (never trained) has no row. ``alpha``
     and ``shots`` are columns only where they vary, ``config`` (the group's hash) only where two groups would
     otherwise look the same."""
@@ -1027,13 +1028,17 @@ def lr_choice_table(df: pd.DataFrame) -> pd.DataFrame:
     for _, grp in agg.groupby(LR_GROUP_KEYS, dropna=False, sort=False):
         scores = {float(r.lr): float(r.mean) for r in grp.itertuples(index=False)}
         chosen = choose_lr(scores)
+        # a choice at the end of the grid: a rate beyond it might have done better (the grid may cut it short)
+        edge = ("top" if chosen == max(scores) else "bottom" if chosen == min(scores) else "") \
+            if len(scores) > 1 else ""
         for r in grp.itertuples(index=False):
             rows.append({"model": r.model, "data": r.data, "method": r.method, "mode": r.mode,
                          "deploy_bits": r.deploy_bits, "deploy_group_size": r.deploy_group_size, "rank": r.rank,
                          "alpha": r.alpha, "shots": r.shots, "config": r.lr_group, "lr": float(r.lr),
                          "validation acc (%)": float(r.mean), "ci_lo": r.ci_lo, "ci_hi": r.ci_hi,
                          "n items": r.n_items, "n facts": getattr(r, "n_units", r.n_items),
-                         "seeds": int(r.n_seeds), "chosen": "yes" if float(r.lr) == chosen else ""})
+                         "seeds": int(r.n_seeds), "chosen": "yes" if float(r.lr) == chosen else "",
+                         "edge": edge if float(r.lr) == chosen else ""})
     out = pd.DataFrame(rows)
     out = _sort_rows(out).rename(columns={"deploy_bits": "bits", "deploy_group_size": "group"})
     for c in ("group", "rank", "n items", "n facts"):

@@ -323,6 +323,7 @@ def test_lr_choice_follows_validation_never_test(tuned, tmp_path):
     assert list(q["seeds"]) == [1, 2, 1] and list(q["n items"]) == [8, 8, 8]
     assert (q["ci_lo"] <= q["validation acc (%)"]).all() and (q["validation acc (%)"] <= q["ci_hi"]).all()
     assert list(q["chosen"]) == ["", "yes", ""]  # test was best at 0.001 (and perfect at 0.064)
+    assert list(q["edge"]) == ["", "", ""]  # chosen inside the grid
     a = t[t["method"] == "qalora"].set_index("lr")
     assert list(a["validation acc (%)"]) == pytest.approx([50.0, 75.0, 75.0])
     assert list(a["chosen"]) == ["", "yes", ""]  # tie of 0.004 and 0.016: the smaller; test favoured 0.016
@@ -340,6 +341,12 @@ def test_lr_choice_follows_validation_never_test(tuned, tmp_path):
     csv = pd.read_csv(tmp_path / "tables" / "lr_choice.csv", dtype=str, keep_default_na=False)
     assert csv.loc[csv["chosen"] == "yes", ["method", "lr"]].values.tolist() == [["qlora", "0.004"],
                                                                                  ["qalora", "0.004"]]
+    # a choice at the top of the grid says so
+    top = tuned.copy()
+    sel = (top["task"] == "synthetic_val") & (top["method"] == "qlora") & (top["lr"] == 1.6e-2)
+    top.loc[sel, "value"] = 100.0
+    tq = R.lr_choice_table(top).query("method == 'qlora'").set_index("lr")
+    assert list(tq["chosen"]) == ["", "", "yes"] and list(tq["edge"]) == ["", "", "top"]
     # without validation numbers there is no lr_choice table
     assert "lr_choice" not in R.tables(tuned[tuned["task"] != "synthetic_val"], paper_csv=False)
 
