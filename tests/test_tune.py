@@ -146,9 +146,9 @@ def test_tune_config():
     sweep = S.load(REPO / "config" / "tune.yaml")
     default = S.load(REPO / "config" / "default.yaml")
     runs = S.expand(sweep)
-    assert len(runs) == 40  # base once + (8 suite methods + 5 peft methods) x 3 learning rates
+    assert len(runs) == 53  # base once + (8 suite methods + 5 peft methods) x 4 learning rates
     trained = [c for c in runs.values() if c["method"]["name"] != "base"]
-    assert len(trained) == 39 and {c["method"].get("rank") for c in trained if c["method"]["name"] in
+    assert len(trained) == 52 and {c["method"].get("rank") for c in trained if c["method"]["name"] in
                                    ("lora", "qlora", "qalora", "loftq", "qbara")} == {16}
     lrs = sorted(sweep["grid"]["train.lr"])
     assert all(b / a == pytest.approx(4) for a, b in zip(lrs, lrs[1:]))

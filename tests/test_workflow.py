@@ -48,8 +48,8 @@ EXPECTED = {
     # 4 runs x 3 evaluation groups (MMLU 0-shot, MMLU 5-shot, commonsense); bases: 16-bit, NF4, INT4 g32 (qalora
     # and qahira share it)
     "local": {"quantize_base": 3, "finetune": 4, "evaluate": 12, "report": 1, "all": 1, "total": 21},
-    # 1 base + (8 suite methods + 5 peft methods) x 3 learning rates, each evaluated once on the validation split
-    "tune": {"finetune": 40, "evaluate": 40, "report": 1, "all": 1},
+    # 1 base + (8 suite methods + 5 peft methods) x 4 learning rates, each evaluated once on the validation split
+    "tune": {"finetune": 53, "evaluate": 53, "report": 1, "all": 1},
     # 25 runs: base once + 3 seeds x (lora, qlora, qalora + 5 peft methods); bases: 16-bit (base, lora, PiSSA),
     # NF4 (qlora, DoRA, rsLoRA, VeRA, IA3: qlora's base, one job), INT4 g32 (qalora)
     "peft": {"quantize_base": 3, "finetune": 25, "evaluate": 25, "report": 1, "all": 1, "total": 55},
