@@ -219,12 +219,15 @@ def test_missing_model_path_fails_before_training(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,quantizer", [("qlora", "gptq"), ("loftq", "rtn")])
+@pytest.mark.parametrize("name,quantizer", [("qlora", "gptq"), ("loftq", "rtn"), ("peft", "rtn")])
 def test_merge_then_requantize(tmp_path, name, quantizer):
-    """The "QLoRA w/ GPTQ" row: merge to fp16, then GPTQ (calibration from the fine-tuning data) or RTN at k bits."""
+    """The "QLoRA w/ GPTQ" row: merge to fp16, then GPTQ (calibration from the fine-tuning data) or RTN at k bits;
+    for peft (its LoRA on the NF4 base) the merge is peft's merge_and_unload into the de-quantized NF4 weights."""
     from methods.quant.linear import QuantLinear
 
     method = {"name": name, "rank": 4, "alpha": 8} | ({"iters": 1} if name == "loftq" else {})
+    if name == "peft":
+        method = {"name": "peft", "base": "nf4", "peft": {"peft_type": "LORA", "r": 4, "lora_alpha": 8}}
     cfg = tiny_cfg(tmp_path, method, train={"max_steps": 2, "lr": 1e-2},
                    eval={"modes": ["fp16-merge", "requant"], "requant": {"bits": 4, "group_size": 32,
                                                                          "quantizer": quantizer}},
@@ -240,6 +243,11 @@ def test_merge_then_requantize(tmp_path, name, quantizer):
         a, b = dense(ids).logits, requant(ids).logits
     rel = float((a - b).norm() / a.norm())
     assert 0 < rel < 0.2, rel  # quantization error, small but not zero
+    if name == "peft":  # the 16-bit merge is the 4+16 model's function, up to fp16 rounding of the weights
+        unmerged, _, _ = P.deployed_model(cfg, "4+16")
+        with torch.no_grad():
+            c = unmerged(ids).logits
+        assert float((a - c).norm() / c.norm()) < 5e-3
     out = P.evaluate_step(cfg, "requant")
     res = json.loads(out.read_text())
     assert res["mode"] == "requant" and res["tasks"]["qft_synthetic"]["n"] == 6
