@@ -116,6 +116,7 @@ class Peft(Method):
         "targets": TARGETS, "seed": SEED,
     }
     not_grid_axes = ("rank",)  # the rank lives in the peft config (r), not in a suite axis
+    accounting_source = "measured: torch FLOP counter and parameter count on a probe layer of each shape"
 
     def __init__(self, **hp: Any):
         if isinstance(hp.get("peft"), dict):

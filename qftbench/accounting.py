@@ -281,6 +281,7 @@ def account(model: Any, method: Any, *, seq_len: int = DEFAULT_SEQ_LEN, **hp: An
         "n_target_layers": len(targets),
         "trainable_params": trainable,
         "trainable_percent": 100.0 * trainable / n_base,
+        "accounting_source": method.accounting_source,
         "adapter_flops_per_token": f_ad,
         "forward_flops_per_token": forward,
         "train_flops_per_token": forward + backward,

@@ -142,6 +142,13 @@ def test_peft_lora_counts_match_the_suite_formula_and_dora_adds_the_magnitudes()
     assert 2 * 8 * (160 + 96) <= measure("16bit", dora, 160, 96)[1] < 2 * 8 * (160 + 96) + 8 * 160
     vera = methods.build("peft", peft={"peft_type": "VERA", "r": 16})
     assert vera.trainable_params(160, 96) == 16 + 160  # lambda_d (r) and lambda_b (out) per layer
+    from qftbench.accounting import account
+
+    acc = account("smollm2-135m", vera)
+    assert acc["accounting_source"].startswith("measured") and account("smollm2-135m", "lora")[
+        "accounting_source"] == "formula"
+    # VeRA trains r + d_out per layer: q, o, down (out 576), k, v (out 192), gate, up (out 1536); 30 layers
+    assert acc["trainable_params"] == 30 * (7 * 16 + 3 * 576 + 2 * 192 + 2 * 1536)
 
 
 def test_a_plain_peft_adapter_is_evaluated_as_its_own_run(tmp_path):
