@@ -898,6 +898,8 @@ def _pairs(methods: Iterable[str]) -> list[tuple[str, str, str]]:
     for a in sorted(present, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)):
         if a not in ("lora", "base") and "lora" in present and (a, "lora") not in seen:
             out.append((a, "lora", "vs 16-bit LoRA"))
+        if a.startswith("peft-") and a.endswith("-nf4") and "qlora" in present:  # same NF4 base as QLoRA
+            out.append((a, "qlora", "peft method vs QLoRA (the same NF4 base)"))
     return out
 
 

@@ -250,3 +250,17 @@ def test_loftq_without_scale_compensation_is_peft_loftq_formulas_on_a_dequantize
     best = min(it, key=lambda x: x[3])  # the suite keeps the best iterate (see loftq_decompose)
     torch.testing.assert_close(a2, best[1]), torch.testing.assert_close(b2, best[2])
     torch.testing.assert_close(target, best[0])
+
+
+def test_peft_rows_are_named_by_method_and_base_and_meet_their_baselines():
+    from methods.peft_method import label, table_name
+    from qftbench import report as R
+
+    dora = {"name": "peft", "base": "nf4", "peft": {"peft_type": "LORA", "use_dora": True}}
+    assert label(dora) == "dora" and table_name(dora) == "peft-dora-nf4"
+    assert table_name({"name": "peft", "peft": {"peft_type": "VERA"}}) == "peft-vera-16bit"
+    assert label({"name": "peft", "peft": {"peft_type": "LORA", "init_lora_weights": "pissa_niter_4"}}) == "pissa"
+    assert label({"name": "peft", "adapter": "x"}) == "adapter"
+    pairs = {(a, b) for a, b, _ in R._pairs(["lora", "qlora", "peft-dora-nf4", "peft-pissa-16bit"])}
+    assert {("peft-dora-nf4", "qlora"), ("peft-dora-nf4", "lora"), ("peft-pissa-16bit", "lora")} <= pairs
+    assert ("peft-pissa-16bit", "qlora") not in pairs
