@@ -9,7 +9,8 @@ Start with ``A = B = 0``. For ``t = 1..T``::
 ``scale_compensation=False`` drops the ``/√s`` as peft does (its correction is then only ``s`` times the
 residual): with one iteration, or with ``s = 1``, that is peft's LoftQ formula for formula
 (``tests/test_peft_method.py``); with several iterations and ``s != 1`` peft subtracts ``L·R`` inside the loop
-where this subtracts ``s·B·A``, the part the adapter adds. The base is NF4 through bitsandbytes (bits=4, quant_type='nf', bitsandbytes-compatible), the own
+where this subtracts ``s·B·A``, the part the adapter adds. ``variant="peft"`` is peft's loop for any number of
+iterations (see :func:`loftq_decompose`). The base is NF4 through bitsandbytes (bits=4, quant_type='nf', bitsandbytes-compatible), the own
 NF2/NF3 codebook quantizer, or INTk (quant_type='int'). The quantizer inside the loop is exactly the one that
 stores the base, so ``Q_T`` is what the deployed model dequantizes to.
 """
@@ -27,7 +28,7 @@ from .quant.scheme import QuantScheme
 
 
 def loftq_decompose(w: torch.Tensor, scheme: QuantScheme, rank: int, scaling: float, iters: int,
-                    scale_compensation: bool = True):
+                    scale_compensation: bool = True, variant: str = "suite"):
     """Run LoftQ on one weight. Returns ``(w_to_quantize, A, B, errors)``.
 
     ``errors[0]`` is ``||W − quant(W)||_F`` (plain quantization, no adapter) and ``errors[t]`` is
@@ -35,23 +36,31 @@ def loftq_decompose(w: torch.Tensor, scheme: QuantScheme, rank: int, scaling: fl
     block-absmax NF and min/max INT quantization are not projections onto a fixed grid, so the error can rise
     slightly after it has converged. The iterate with the smallest error is returned (``w_to_quantize`` is
     ``W − s·B_{t-1}·A_{t-1}`` of that iterate, whose quantization is the base ``Q_t``), so the error of the
-    returned initialisation never increases with ``iters``; ``errors`` keeps every iterate's error."""
+    returned initialisation never increases with ``iters``; ``errors`` keeps every iterate's error.
+
+    ``variant="peft"``: peft's ``loftq_init`` step for step (``tests/test_peft_method.py``): the loop quantizes
+    ``W − B·A`` (the product without the scaling ``s``) with NF4 *without* double quantization (peft's
+    ``Params4bit(compress_statistics=False)``), no scale compensation, and the last iterate is returned."""
+    if variant not in ("suite", "peft"):
+        raise ConfigError(f"loftq: variant={variant!r}; choose 'suite' or 'peft'.")
     w = w.detach().float()
     d_out, d_in = w.shape
     a = torch.zeros(rank, d_in)
     b = torch.zeros(d_out, rank)
     c = math.sqrt(scaling) if scale_compensation else 1.0
+    loop_scheme = QuantScheme(kind="nf", bits=4, blocksize=64) if variant == "peft" else scheme
+    loop_scale = 1.0 if variant == "peft" else scaling
     errors = [float((w - scheme.fake_quant(w)).norm())]
     best = None
     for _ in range(iters):
-        target = w - scaling * (b @ a)
-        q = scheme.fake_quant(target)
+        target = w - loop_scale * (b @ a)
+        q = loop_scheme.fake_quant(target)
         u, sig, vh = torch.linalg.svd(w - q, full_matrices=False)
         root = sig[:rank].sqrt()
         b = u[:, :rank] * root / c
         a = root[:, None] * vh[:rank] / c
         errors.append(float((w - (q + scaling * (b @ a))).norm()))
-        if best is None or errors[-1] < best[0]:
+        if best is None or errors[-1] < best[0] or variant == "peft":  # peft keeps the last iterate
             best = (errors[-1], target, a, b)
     _, target, a, b = best
     return target, a, b, errors
@@ -71,6 +80,10 @@ class LoftQ(Method):
                        minimum=1),
         "scale_compensation": Hyper(True, bool, "divide A and B by sqrt(s) so that s·B·A is the best rank-r "
                                     "correction (False: peft's LoftQ; identical for iters=1 or s=1)"),
+        "variant": Hyper("suite", str, "'suite' (the loop subtracts s·B·A, quantizes with the stored base's NF4 + DQ "
+                         "and keeps the best iterate) or 'peft' (peft's loftq_init for any iters: W − B·A "
+                         "unscaled, NF4 without double quantization in the loop, the last iterate; needs "
+                         "scale_compensation=false and the NF4 base)", choices=("suite", "peft")),
         "targets": TARGETS, "seed": SEED,
     }
 
@@ -78,6 +91,12 @@ class LoftQ(Method):
         if self.hp["quant_type"] == "nf" and self.hp["bits"] == 8:
             raise ConfigError("loftq: bits=8 is not available with quant_type='nf' (NF supports 2, 3, 4); "
                               "use quant_type='int' for 8 bits.")
+        if self.hp["variant"] == "peft" and (self.hp["scale_compensation"] or self.hp["quant_type"] != "nf"
+                                             or self.hp["bits"] != 4):
+            raise ConfigError(f"loftq: variant='peft' is peft's LoftQ on NF4 without scale compensation; set "
+                              f"scale_compensation: false, bits: 4, quant_type: nf (got scale_compensation="
+                              f"{self.hp['scale_compensation']}, bits={self.hp['bits']}, quant_type="
+                              f"{self.hp['quant_type']!r}).")
         if self.hp["quant_type"] == "nf" and self.hp["bits"] == 4 and self.hp["group_size"] != 64:
             raise ConfigError(f"loftq: group_size={self.hp['group_size']} is not possible for the bitsandbytes "
                               "NF4 base (block 64); set group_size=64 or quant_type='int'.")
@@ -96,7 +115,9 @@ class LoftQ(Method):
 
     def base_key(self):
         # LoftQ's base depends on the adapter initialisation: every hyperparameter except dropout counts
-        return {**super().base_key(), **{k: v for k, v in self.hp.items() if k != "dropout"}}
+        # (variant at its default left out, so that the bases of earlier runs keep their folders)
+        return {**super().base_key(), **{k: v for k, v in self.hp.items() if k != "dropout"
+                                          and not (k == "variant" and v == "suite")}}
 
     def quantize_base(self, model, layers, calibration):
         self._init = {}
@@ -105,7 +126,8 @@ class LoftQ(Method):
         bases = {}
         for name, mod in layers:
             target, a, b, errors = loftq_decompose(mod.weight, scheme, self.hp["rank"], self.scaling,
-                                                   self.hp["iters"], self.hp["scale_compensation"])
+                                                   self.hp["iters"], self.hp["scale_compensation"],
+                                                   self.hp["variant"])
             tmp = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, dtype=torch.float32)
             tmp.weight.data.copy_(target)
             if mod.bias is not None:

@@ -363,7 +363,8 @@ def load(path: str | os.PathLike, overrides=()) -> dict:
 TRAINING_KEYS = ("model", "method", "data", "calibration", "train", "seed")
 #: settings added after run ids were first published: at these values they are left out of the hash, so that
 #: the runs of existing configs keep their ids (the value is the behaviour those runs already had).
-HASH_NEUTRAL = {("data", "empty_outputs"): "keep", ("method", "gptq_groups"): "updated"}
+HASH_NEUTRAL = {("data", "empty_outputs"): "keep", ("method", "gptq_groups"): "updated",
+                ("method", "variant"): "suite"}
 
 
 def training_view(cfg: dict) -> dict:

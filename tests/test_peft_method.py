@@ -264,3 +264,34 @@ def test_peft_rows_are_named_by_method_and_base_and_meet_their_baselines():
     pairs = {(a, b) for a, b, _ in R._pairs(["lora", "qlora", "peft-dora-nf4", "peft-pissa-16bit"])}
     assert {("peft-dora-nf4", "qlora"), ("peft-dora-nf4", "lora"), ("peft-pissa-16bit", "lora")} <= pairs
     assert ("peft-pissa-16bit", "qlora") not in pairs
+
+
+def test_loftq_variant_peft_is_peft_loftq_loop_for_any_iterations_and_scaling():
+    """loftq variant='peft' against peft's loftq_init loop written out with peft's own SVD split and peft's
+    in-loop quantizer (NF4 without double quantization: the suite's own NF4 codebook, equal to bitsandbytes'
+    table), at s = 2 and three iterations, where the suite's own variant differs."""
+    from peft.utils.loftq_utils import _low_rank_decomposition
+
+    from methods.loftq import loftq_decompose
+    from methods.quant.scheme import QuantScheme
+
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    stored = QuantScheme(kind="bnb-nf4", bits=4, blocksize=64)
+    nf4 = QuantScheme(kind="nf", bits=4, blocksize=64)
+    res = w.clone()
+    for i in range(3):  # peft.utils.loftq_utils.loftq_init, num_bits=4, num_iter=3
+        q = nf4.fake_quant(res)
+        out = _low_rank_decomposition(w - q, reduced_rank=4)
+        L, R = out["L"], out["R"]
+        if i + 1 < 3:
+            res = w - L @ R
+    target, a, b, _ = loftq_decompose(w, stored, rank=4, scaling=2.0, iters=3, scale_compensation=False,
+                                      variant="peft")
+    torch.testing.assert_close(a, R), torch.testing.assert_close(b, L)
+    torch.testing.assert_close(nf4.fake_quant(target), q)  # the base peft returns (dequantized Q_T)
+    _, a_suite, _, _ = loftq_decompose(w, stored, rank=4, scaling=2.0, iters=3, scale_compensation=False)
+    assert not torch.allclose(a_suite, a)  # the suite's loop is another algorithm at s != 1
+    with pytest.raises(ConfigError, match="variant='peft' is peft's LoftQ on NF4 without scale compensation"):
+        methods.build("loftq", variant="peft")
+    m = methods.build("loftq", variant="peft", scale_compensation=False, rank=4, iters=2)
+    assert m.base_key()["variant"] == "peft" and "variant" not in methods.build("loftq").base_key()
