@@ -225,6 +225,15 @@ class Peft(Method):
         model.qft_method = self
         return model
 
+    def check_shapes(self, shapes) -> None:
+        """The base's checks, and for ``adapter=`` the adapter's LoRA matrices against the model's layer shapes
+        (from the safetensors header alone), so an adapter of another base model fails before any model is
+        loaded."""
+        shapes = list(shapes)
+        super().check_shapes(shapes)
+        if self.hp["adapter"]:
+            _check_adapter_shapes(self.hp["adapter"], shapes)
+
     def _check_bnb_cpu_widths(self, model: nn.Module) -> None:
         """DoRA on NF4 takes its weight norms from bitsandbytes' own dequantization, whose CPU kernel is wrong for
         input widths that are not multiples of 64 (methods.quant.bnb); refuse that rather than train on it."""
@@ -383,6 +392,32 @@ def _set_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     if unexpected or missing:
         raise ConfigError(f"peft: the adapter does not fit this model: missing {missing[:4]}, unexpected "
                           f"{unexpected[:4]}.")
+
+
+def _check_adapter_shapes(adapter: str, shapes) -> None:
+    """A LoRA-shaped peft adapter (``lora_A`` (r, in), ``lora_B`` (out, r)) against the model's layers
+    ``(name, out, in)``; other peft types are checked when the adapter is loaded."""
+    import os
+
+    path = os.path.join(adapter, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        return  # a hub id or a .bin adapter: checked when it is loaded
+    from safetensors import safe_open
+
+    by_name = {n: (o, i) for n, o, i in shapes}
+    with safe_open(path, framework="pt") as f:
+        for key in f.keys():
+            name = key.removeprefix("base_model.model.")
+            for part, axis in ((".lora_A.weight", 1), (".lora_B.weight", 0)):
+                if name.endswith(part) and name[: -len(part)] in by_name:
+                    layer = name[: -len(part)]
+                    want = by_name[layer][1] if axis == 1 else by_name[layer][0]
+                    got = f.get_slice(key).get_shape()[axis]
+                    if got != want:
+                        raise ConfigError(
+                            f"peft: adapter {adapter!r} does not fit this model: {key} has "
+                            f"{'in' if axis == 1 else 'out'}_features {got}, the model's {layer} has {want} "
+                            "(an adapter trained on another base model?).")
 
 
 def _load_weights(model: nn.Module, adapter: str) -> None:

@@ -209,6 +209,13 @@ def test_an_adapter_of_another_base_model_is_a_clear_error(tmp_path):
     m = methods.build("peft", adapter=str(tmp_path / "other"))
     with pytest.raises(ConfigError, match="does not fit this model.*another base model"):
         m.prepare(make_tiny_llama())
+    # and before any model is loaded: the sweep checks shapes from the model's config and the adapter's header
+    from qftbench import sweep as S
+
+    sweep = {"models": ["smollm2-135m"], "data": {"s": {"source": "synthetic"}},
+             "methods": [{"name": "peft", "adapter": str(tmp_path / "other")}]}
+    with pytest.raises(ConfigError, match=r"down_proj.lora_A.weight has in_features 128, the model.s model.layers.0.mlp.down_proj has 1536"):
+        S.expand(sweep)
 
 
 def test_dora_on_nf4_refuses_the_cpu_widths_where_bitsandbytes_dequantizes_wrongly():
