@@ -38,8 +38,20 @@ METHOD_LABEL = {"base": "base (un-tuned)", "lora": "LoRA (16-bit)", "qlora": "QL
 _BARS = "95% interval over items and seeds (± 1 std over seeds for runs without per-item records)"
 
 
+#: styles for methods without an entry above (peft's rows, a user's own method): stable per name, distinct from
+#: the suite's colours, hollow-looking markers
+_EXTRA_COLORS = ("#7f7f7f", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
+                 "#e6550d", "#31a354")
+_EXTRA_MARKERS = ("h", "<", ">", "8", "d", "H", "X", "1", "2", "3")
+
+
 def _style(method: str):
-    return METHOD_STYLE.get(method, ("#000000", "o"))
+    if method in METHOD_STYLE:
+        return METHOD_STYLE[method]
+    import zlib
+
+    h = zlib.crc32(method.encode())  # stable across processes (unlike hash())
+    return _EXTRA_COLORS[h % len(_EXTRA_COLORS)], _EXTRA_MARKERS[(h // len(_EXTRA_COLORS)) % len(_EXTRA_MARKERS)]
 
 
 def main_metric(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
