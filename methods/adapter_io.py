@@ -66,25 +66,11 @@ def _with_defaults(method, saved: dict) -> dict:
     return {**{k: h.default for k, h in method.hyperparameters.items() if k not in saved}, **saved}
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Load an adapter saved by :func:`save_adapter`. An unprepared model is prepared with the saved method."""
+def _prepared_method(model: nn.Module, d: Path, cfg: dict):
+    """The method of the adapter described by ``cfg``: the model's own (which must be the same method with the same
+    hyperparameters), or, for an unprepared model, built from ``cfg`` and prepared on it."""
     from .registry import build
 
-    d = Path(directory)
-    if (d / PEFT_CONFIG).is_file():  # saved by the peft method (a peft adapter folder + this description)
-        cfg = json.loads((d / PEFT_CONFIG).read_text())
-        method = getattr(model, "qft_method", None)
-        if method is None:
-            method = build(cfg["method"], **cfg["hyperparameters"])
-            method.prepare(model)
-        elif method.name != cfg["method"] or method.hp != _with_defaults(method, cfg["hyperparameters"]):
-            raise ConfigError(f"load_adapter: the model was prepared with {method!r} but {d} holds an adapter of "
-                              f"{cfg['method']!r} with {cfg['hyperparameters']}; prepare a fresh model instead.")
-        method.load_adapter(model, d)
-        return model
-    if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
-        raise ConfigError(f"load_adapter: {d} does not hold {CONFIG} and {WEIGHTS} (written by save_adapter).")
-    cfg = json.loads((d / CONFIG).read_text())
     method = getattr(model, "qft_method", None)
     if method is None:
         method = build(cfg["method"], **cfg["hyperparameters"])
@@ -92,6 +78,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     elif method.name != cfg["method"] or method.hp != _with_defaults(method, cfg["hyperparameters"]):
         raise ConfigError(f"load_adapter: the model was prepared with {method!r} but {d} holds an adapter of "
                           f"{cfg['method']!r} with {cfg['hyperparameters']}; prepare a fresh model instead.")
+    return method
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load an adapter saved by :func:`save_adapter`. An unprepared model is prepared with the saved method."""
+    d = Path(directory)
+    if (d / PEFT_CONFIG).is_file():  # saved by the peft method (a peft adapter folder + this description)
+        _prepared_method(model, d, json.loads((d / PEFT_CONFIG).read_text())).load_adapter(model, d)
+        return model
+    if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
+        raise ConfigError(f"load_adapter: {d} does not hold {CONFIG} and {WEIGHTS} (written by save_adapter).")
+    _prepared_method(model, d, json.loads((d / CONFIG).read_text()))
     own = adapter_state_dict(model)
     saved = load_file(str(d / WEIGHTS))
     missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))

@@ -274,8 +274,8 @@ class Method:
         model.qft_base = {"method": self.name, "key": self.base_key(), "layers": [n for n, _ in layers]}
         return model
 
-    def inject(self, model: nn.Module, adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
-        """Wrap every base layer recorded by :meth:`quantize` with this method's adapter. In place."""
+    def check_injectable(self, model: nn.Module) -> dict:
+        """The model's ``qft_base`` record, after checking that it holds this method's base and no adapters yet."""
         info = getattr(model, "qft_base", None)
         if info is None:
             raise ConfigError(f"{self.name}: inject() needs a model quantized by quantize() (or prepare() it).")
@@ -284,6 +284,11 @@ class Method:
                               f"not for this method's base {self.base_key()}.")
         if getattr(model, "qft_method", None) is not None:
             raise ConfigError("this model already has adapters; prepare a fresh model.")
+        return info
+
+    def inject(self, model: nn.Module, adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
+        """Wrap every base layer recorded by :meth:`quantize` with this method's adapter. In place."""
+        info = self.check_injectable(model)
         model.requires_grad_(False)
         for name in info["layers"]:
             _set_module(model, name, self.wrap_layer(name, model.get_submodule(name), adapter_dtype))

@@ -20,7 +20,7 @@ training loop with resume, the evaluation and the records.
   that shape (torch's FLOP counter on one token, minus the base matmul), since no closed form covers every peft
   method; a run's record uses the count of the model itself.
 * Saved adapters are peft adapter folders (``adapter_config.json``, ``adapter_model.safetensors``) that
-  ``PeftModel.from_pretrained`` loads onto the same base, plus ``qftbench_adapter.json`` (this entry).
+  ``PeftModel.from_pretrained`` loads onto the same base, plus ``qftbench_adapter.json`` (this entry, :data:`methods.adapter_io.PEFT_CONFIG`).
 * Deployment: ``4+16`` on the NF4 base, ``fp16-merge`` on the 16-bit base. A 16-bit merge of an NF4 run merges
   with peft's ``merge_and_unload`` into the de-quantized NF4 weights (what QLoRA's own fp16 merge means), not into
   re-quantized NF4 as ``merge_and_unload`` on a ``Linear4bit`` would.
@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter_io import PEFT_CONFIG
 from .base import SEED, TARGETS, Hyper, Method, _set_module
 from .errors import ConfigError, did_you_mean
 
@@ -47,7 +48,6 @@ NEEDS_LOOP = {"ADALORA": "AdaLoRA reallocates ranks with update_and_allocate() a
               "XLORA": "X-LoRA needs a classifier over several trained adapters",
               "POLY": "Poly needs task ids in every batch"}
 DATA_INITS = ("eva", "corda")
-PEFT_FILE = "qftbench_adapter.json"
 
 
 def _peft():
@@ -153,15 +153,15 @@ class Peft(Method):
             raise ConfigError(f"peft: init_lora_weights={init!r} needs calibration data at initialisation "
                               "(peft's initialize_lora_eva_weights / preprocess_corda), which the suite does not run "
                               "yet; use True, 'gaussian', 'pissa', 'olora' or 'loftq' (16-bit base only).")
-        probe(self.hp["base"], json.dumps(self._peft_dict(), sort_keys=True))  # can peft wrap this base?
+        probe(self.hp["base"], self._spec_key())  # can peft wrap this base?
         super().validate()
 
     def _peft_dict(self) -> dict[str, Any]:
         """The peft config as a dict, with the suite's target_modules (the saved adapter's own, for adapter=)."""
         if self.hp["adapter"]:
-            spec = {k: v for k, v in _adapter_config(self.hp["adapter"]).items()
-                    if k in _fields(config_class(_adapter_config(self.hp["adapter"])["peft_type"]))
-                    or k == "peft_type"}
+            saved = _adapter_config(self.hp["adapter"])
+            fields = _fields(config_class(saved["peft_type"]))
+            spec = {k: v for k, v in saved.items() if k in fields or k == "peft_type"}
             spec.pop("base_model_name_or_path", None)
             spec.pop("revision", None)
             spec["inference_mode"] = False
@@ -170,6 +170,10 @@ class Peft(Method):
         return {**self.hp["peft"], "peft_type": str(self.hp["peft"]["peft_type"]).upper(),
                 "target_modules": "all-linear" if targets == "all-linear" else
                 ([targets] if isinstance(targets, str) else list(targets))}
+
+    def _spec_key(self) -> str:
+        """:meth:`_peft_dict` as canonical JSON: the cache key of :func:`probe` and :func:`measure`."""
+        return json.dumps(self._peft_dict(), sort_keys=True)
 
     def peft_config(self):
         """peft's config object of this entry."""
@@ -199,23 +203,14 @@ class Peft(Method):
         return self.layer_adapter_flops_per_token("proj", d_out, d_in)
 
     def layer_trainable_params(self, name: str, d_out: int, d_in: int) -> int:
-        return measure(self.hp["base"], json.dumps(self._peft_dict(), sort_keys=True), d_out, d_in,
-                       name.split(".")[-1])[0]
+        return measure(self.hp["base"], self._spec_key(), d_out, d_in, name.split(".")[-1])[0]
 
     def layer_adapter_flops_per_token(self, name: str, d_out: int, d_in: int) -> int:
-        return measure(self.hp["base"], json.dumps(self._peft_dict(), sort_keys=True), d_out, d_in,
-                       name.split(".")[-1])[1]
+        return measure(self.hp["base"], self._spec_key(), d_out, d_in, name.split(".")[-1])[1]
 
     # ------------------------------------------------------------------------------------ inject
     def inject(self, model: nn.Module, adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
-        info = getattr(model, "qft_base", None)
-        if info is None:
-            raise ConfigError("peft: inject() needs a model quantized by quantize() (or prepare() it).")
-        if info["key"] != self.base_key():
-            raise ConfigError(f"peft: the model's base was built for {info['method']} with {info['key']}, "
-                              f"not for this entry's base {self.base_key()}.")
-        if getattr(model, "qft_method", None) is not None:
-            raise ConfigError("this model already has adapters; prepare a fresh model.")
+        self.check_injectable(model)
         model.requires_grad_(False)
         self._check_bnb_cpu_widths(model)
         _wrap(model, self.peft_config(), self.hp["seed"])
@@ -301,10 +296,10 @@ class Peft(Method):
         tensors = {f"base_model.model.{k}": v.contiguous().cpu() for k, v in _adapter_state(model).items()}
         _atomic(d / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         _atomic(d / "adapter_config.json",
-                lambda p: open(p, "w").write(json.dumps(_plain(cfg.to_dict()), indent=2, sort_keys=True)))
+                lambda p: Path(p).write_text(json.dumps(_plain(cfg.to_dict()), indent=2, sort_keys=True)))
         own = {"format": "qftbench-peft-adapter", "version": 1, **_plain(self.describe()),
                "tensors": {k: list(v.shape) for k, v in tensors.items()}}
-        _atomic(d / PEFT_FILE, lambda p: open(p, "w").write(json.dumps(own, indent=2, sort_keys=True)))
+        _atomic(d / PEFT_CONFIG, lambda p: Path(p).write_text(json.dumps(own, indent=2, sort_keys=True)))
 
     def load_adapter(self, model: nn.Module, directory) -> None:
         _load_weights(model, str(directory))
