@@ -214,6 +214,10 @@ class Peft(Method):
         model.requires_grad_(False)
         self._check_bnb_cpu_widths(model)
         _wrap(model, self.peft_config(), self.hp["seed"])
+        if adapter_dtype != torch.float32:  # peft makes its adapter weights float32; cast them as the run asks
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(adapter_dtype)
         if self.hp["adapter"]:
             _load_weights(model, self.hp["adapter"])
             model.requires_grad_(False)  # evaluated as it is: nothing to train

@@ -31,13 +31,14 @@ TRAIN_DEFAULTS = {
     "max_steps": 10000, "batch_size": 16, "micro_batch_size": 4, "lr": 2e-4, "lr_scheduler": "constant",
     "warmup_steps": 0, "max_grad_norm": 0.3, "weight_decay": 0.0, "optimizer": "paged_adamw_32bit",
     "precision": "auto", "gradient_checkpointing": False, "save_steps": 200, "keep_checkpoints": 2,
+    "adapter_dtype": "float32", "norm_dtype": "model",
 }
 
 DEFAULTS: dict[str, Any] = {
     "model": {"name": "smollm2-135m", "dtype": "float32"},
     "method": {"name": "qlora"},
     "data": {"source": "synthetic", "path": None, "n": None, "holdout": 0, "seed": 0, "empty_outputs": "keep",
-             "source_max_len": 384, "target_max_len": 128,
+             "prompt": "alpaca", "source_max_len": 384, "target_max_len": 128,
              "synthetic": {"seed": 0, "n_entities": None, "phrasings_per_fact": None, "eval_per_fact": None}},
     "calibration": {"source": None, "path": None, "n_samples": 128, "seq_len": 512, "seed": 0},
     "train": TRAIN_DEFAULTS,
@@ -72,6 +73,7 @@ SCHEMA = _obj({
         "path": {"type": ["string", "null"]}, "n": {"type": ["integer", "null"], "minimum": 1},
         "holdout": {"type": "integer", "minimum": 0}, "seed": _int,
         "empty_outputs": {"enum": ["keep", "drop"]},
+        "prompt": {"enum": ["alpaca", "alpaca-trailing-space"]},
         "source_max_len": {"type": "integer", "minimum": 1}, "target_max_len": {"type": "integer", "minimum": 1},
         "synthetic": _obj({"seed": _int, "n_entities": {"type": ["integer", "null"], "minimum": 1},
                            "phrasings_per_fact": {"type": ["integer", "null"], "minimum": 1},
@@ -88,6 +90,8 @@ SCHEMA = _obj({
         "optimizer": {"enum": ["paged_adamw_32bit", "adamw_32bit", "adamw_torch"]},
         "precision": {"enum": ["auto", "bf16", "fp16", "fp32"]}, "gradient_checkpointing": _bool,
         "save_steps": {"type": "integer", "minimum": 1}, "keep_checkpoints": {"type": "integer", "minimum": 1},
+        "adapter_dtype": {"enum": ["float32", "bfloat16", "float16"]},
+        "norm_dtype": {"enum": ["model", "float32"]},
     }),
     "eval": _obj({
         "tasks": {"type": "array", "items": _str, "minItems": 1},
@@ -364,7 +368,8 @@ TRAINING_KEYS = ("model", "method", "data", "calibration", "train", "seed")
 #: settings added after run ids were first published: at these values they are left out of the hash, so that
 #: the runs of existing configs keep their ids (the value is the behaviour those runs already had).
 HASH_NEUTRAL = {("data", "empty_outputs"): "keep", ("method", "gptq_groups"): "updated",
-                ("method", "variant"): "suite"}
+                ("method", "variant"): "suite", ("data", "prompt"): "alpaca",
+                ("train", "adapter_dtype"): "float32", ("train", "norm_dtype"): "model"}
 
 
 def training_view(cfg: dict) -> dict:

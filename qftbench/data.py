@@ -50,6 +50,7 @@ from methods.errors import QFTError, did_you_mean
 __all__ = [
     "IGNORE_INDEX",
     "PROMPT_DICT",
+    "PROMPTS",
     "SOURCES",
     "ALPACA_HUB_ID",
     "FLAN_V2_HUB_ID",
@@ -85,6 +86,15 @@ PROMPT_DICT = {
         "Write a response that appropriately completes the request.\n\n"
         "### Instruction:\n{instruction}\n\n### Response:"
     ),
+}
+
+#: ``data.prompt``: ``alpaca`` is Stanford Alpaca's template as it is; ``alpaca-trailing-space`` ends the prompt
+#: with "### Response: " (one trailing space), as the released QLoRA, QA-LoRA and Q-BaRA/QA-HiRA code does
+#: (qlora.py ALPACA_PROMPT_DICT; qalora.py:459-470; qbaraqahira.py = qlora.py). With a LLaMA tokenizer the space
+#: becomes a token of its own before the response.
+PROMPTS = {
+    "alpaca": PROMPT_DICT,
+    "alpaca-trailing-space": {k: v + " " for k, v in PROMPT_DICT.items()},
 }
 
 ALPACA_HUB_ID = "tatsu-lab/alpaca"
@@ -416,12 +426,13 @@ def prepare_data(source: str, path: str | os.PathLike | None = None, n: int | No
 
 
 # ------------------------------------------------------------------------------------ tokenization
-def format_prompt(record: dict[str, str]) -> tuple[str, str]:
-    """``(prompt, response)`` of an instruction record with the Stanford Alpaca prompt."""
-    if record.get("input", ""):
-        prompt = PROMPT_DICT["prompt_input"].format_map(record)
-    else:
-        prompt = PROMPT_DICT["prompt_no_input"].format_map(record)
+def format_prompt(record: dict[str, str], template: str = "alpaca") -> tuple[str, str]:
+    """``(prompt, response)`` of an instruction record with the Stanford Alpaca prompt (``template``: a key of
+    :data:`PROMPTS`, the run's ``data.prompt``)."""
+    if template not in PROMPTS:
+        raise DataError(f"data.prompt={template!r} is not one of {list(PROMPTS)}.")
+    t = PROMPTS[template]
+    prompt = (t["prompt_input"] if record.get("input", "") else t["prompt_no_input"]).format_map(record)
     return prompt, record["output"]
 
 
@@ -446,9 +457,10 @@ def tokenize_example(tokenizer, prompt: str, response: str, source_max_len: int 
 
 
 def tokenize_records(tokenizer, records: Sequence[dict[str, str]], source_max_len: int = 384,
-                     target_max_len: int = 128) -> list[dict[str, list[int]]]:
+                     target_max_len: int = 128, template: str = "alpaca") -> list[dict[str, list[int]]]:
     """:func:`tokenize_example` over Alpaca-formatted records (a list usable as a torch Dataset)."""
-    return [tokenize_example(tokenizer, *format_prompt(r), source_max_len, target_max_len) for r in records]
+    return [tokenize_example(tokenizer, *format_prompt(r, template), source_max_len, target_max_len)
+            for r in records]
 
 
 @dataclass

@@ -221,8 +221,28 @@ def prepared_model(cfg):
     model, tok = load_model(cfg)
     method = build_method(cfg)
     load_quantized_base(model, d, method)
-    method.inject(model)
+    cast_norms(model, cfg["train"]["norm_dtype"])
+    method.inject(model, DTYPES[cfg["train"]["adapter_dtype"]])
     return model, tok, method
+
+
+def cast_norms(model, norm_dtype: str) -> list[str]:
+    """``train.norm_dtype: float32``: every module whose name contains ``norm`` (the RMSNorms, the final norm) holds
+    float32 weights, as qlora.py:400-401 casts them before training (``model`` leaves them in the model's dtype).
+    Each such norm hands its output on in the dtype of its input: under bf16 autocast (qlora.py's setting) that is
+    exactly what the next matmul computes in anyway, and without autocast the next layer (a bf16 / fp16 linear,
+    e.g. lm_head) gets the dtype it needs. Returns the names cast."""
+    if norm_dtype == "model":
+        return []
+    names = [n for n, m in model.named_modules() if "norm" in n.rsplit(".", 1)[-1] and not list(m.children())]
+    for n in names:
+        mod = model.get_submodule(n).to(DTYPES[norm_dtype])
+        mod.register_forward_hook(_output_in_input_dtype)
+    return names
+
+
+def _output_in_input_dtype(module, args, output):
+    return output.to(args[0].dtype) if torch.is_tensor(output) and args and torch.is_tensor(args[0]) else output
 
 
 # --------------------------------------------------------------------------------------------- finetune
@@ -249,7 +269,8 @@ def finetune_step(cfg, *, stop_after: int | None = None) -> Path:
                     data_info["n_empty_output"], data_info["n"])
     model, tok, method = prepared_model(cfg)
     t_prep = time.perf_counter() - t0
-    examples = tokenize_records(tok, train_recs, cfg["data"]["source_max_len"], cfg["data"]["target_max_len"])
+    examples = tokenize_records(tok, train_recs, cfg["data"]["source_max_len"], cfg["data"]["target_max_len"],
+                                cfg["data"]["prompt"])
     rd.mkdir(parents=True, exist_ok=True)
     # exactly the configuration that trained the run (what the finetune job got); each evaluation records its own
     # settings in its eval/<mode>/<tasks>.json ("eval_config"), so no section here can disagree with a job

@@ -294,7 +294,15 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
                                         f"from {src}, or drop grid.{section}.{key} and keep the per-run values.")
                             raw.setdefault(section, {})
                             raw[section] = {**raw[section], key: copy.deepcopy(value)}
-                        raw["model"] = {"name": model["name"], **({"dtype": model["dtype"]} if "dtype" in model else {})}
+                        # an override may set the model's dtype for some runs (e.g. QA-LoRA's float16 base)
+                        own_model = raw.pop("model", {}) or {}
+                        if set(own_model) - {"dtype"}:
+                            bad = sorted(set(own_model) - {"dtype"})[0]
+                            raise ConfigError(f"{where}: an override sets model.{bad} for the run (model="
+                                              f"{model['label']}, method={variant['name']}); overrides may set "
+                                              f"model.dtype only (the model itself comes from models:).")
+                        raw["model"] = {"name": model["name"], **({"dtype": model["dtype"]} if "dtype" in model else {}),
+                                        **own_model}
                         if model["label"] != Path(model["name"]).name:
                             raw["model"]["label"] = model["label"]
                         raw["method"] = variant

@@ -53,6 +53,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     save_steps: int = 200
     keep_checkpoints: int = 2
+    # dtypes of the model being trained (applied by qftbench.pipeline.prepared_model, recorded here with the rest):
+    adapter_dtype: str = "float32"  # float32 | bfloat16 | float16: the trainable (adapter) weights and their AdamW
+                                    # state; bfloat16 is what qlora.py does with --bf16 (qlora.py:396-399)
+    norm_dtype: str = "model"       # model (the norms keep the model's dtype) | float32 (qlora.py:400-401)
     seed: int = 0
 
     def __post_init__(self):
@@ -66,7 +70,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{f}={getattr(self, f)} must be >= 1.")
         choices = {"lr_scheduler": ("constant", "linear", "cosine"),
                    "optimizer": ("paged_adamw_32bit", "adamw_32bit", "adamw_torch"),
-                   "precision": ("auto", "bf16", "fp16", "fp32")}
+                   "precision": ("auto", "bf16", "fp16", "fp32"),
+                   "adapter_dtype": ("float32", "bfloat16", "float16"), "norm_dtype": ("model", "float32")}
         for f, ch in choices.items():
             if getattr(self, f) not in ch:
                 raise ConfigError(f"train.{f}={getattr(self, f)!r} is not one of {list(ch)}.")
@@ -207,6 +212,9 @@ def finetune(model: nn.Module, train_examples: list[dict], cfg: TrainConfig, scr
     if not train_examples:
         raise ValueError("finetune: the training set is empty")
     precision = _precision(cfg)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # one process may train several runs at different precisions
     acc = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision),
                       cpu=not torch.cuda.is_available())
     device = acc.device

@@ -82,6 +82,21 @@ def test_format_prompt_with_and_without_input():
                  "completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:")
 
 
+def test_released_code_prompt_ends_with_a_space(tokenizer):
+    """data.prompt: alpaca-trailing-space is the released QLoRA/QA-LoRA template ('### Response: '), which
+    tokenizes to one more token before the response than Stanford's."""
+    rec = {"instruction": "Say hi.", "input": "", "output": "Hi"}
+    p, r = format_prompt(rec, "alpaca-trailing-space")
+    assert p == format_prompt(rec)[0] + " " and r == "Hi"
+    p2, _ = format_prompt({**rec, "input": "now"}, "alpaca-trailing-space")
+    assert p2.endswith("### Input:\nnow\n\n### Response: ")
+    a = tokenize_records(tokenizer, [rec], 256, 64)[0]
+    b = tokenize_records(tokenizer, [rec], 256, 64, template="alpaca-trailing-space")[0]
+    assert len(b["input_ids"]) >= len(a["input_ids"]) and b["input_ids"] != a["input_ids"]
+    with pytest.raises(DataError, match="data.prompt='qlora'"):
+        format_prompt(rec, "qlora")
+
+
 @pytest.mark.shared_data
 def test_alpaca_prompt_matches_original_text_field():
     """The mirror's 'text' field is prompt + '\\n' + output; our prompt is its exact prefix."""

@@ -342,3 +342,51 @@ def test_provenance_records_an_instruction_set_cap(monkeypatch):
     assert cpu_info()["isa_overrides"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     assert cpu_info()["isa_overrides"] == {}
+
+
+DTYPE_CASES = [  # (method, model dtype, train settings, expected trainable dtype): the released codes' dtypes
+    ({"name": "qlora", "rank": 4, "alpha": 8}, "bfloat16",
+     {"adapter_dtype": "bfloat16", "norm_dtype": "float32", "precision": "bf16"}, torch.bfloat16),   # qlora.py
+    ({"name": "qalora", "rank": 4, "alpha": 8, "group_size": 32}, "float16",
+     {"norm_dtype": "float32", "precision": "fp32"}, torch.float32),                                  # qalora.py
+    ({"name": "peft", "base": "nf4", "peft": {"peft_type": "LORA", "r": 4, "lora_alpha": 8}}, "bfloat16",
+     {"adapter_dtype": "bfloat16", "norm_dtype": "float32", "precision": "bf16"}, torch.bfloat16),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,dtype,train,want", DTYPE_CASES, ids=["qlora-bf16", "qalora-fp16", "peft-bf16"])
+def test_adapter_and_norm_dtypes_train_and_evaluate(tmp_path, method, dtype, train, want):
+    from safetensors import safe_open
+
+    cfg = tiny_cfg(tmp_path, method, model={"name": "tiny-llama", "dtype": dtype}, train=train)
+    model, _, _ = P.prepared_model(cfg)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {want}
+    norms = {n: m.weight.dtype for n, m in model.named_modules() if "norm" in n.rsplit(".", 1)[-1]}
+    assert len(norms) == 2 * model.config.num_hidden_layers + 1 and set(norms.values()) == {torch.float32}
+    # a float32 norm hands on its input's dtype (what the next matmul computes in under autocast anyway)
+    layer = model.model.layers[0].input_layernorm
+    x = torch.randn(2, 3, model.config.hidden_size).to(getattr(torch, dtype))
+    assert layer(x).dtype == x.dtype
+    rd = P.run_all(cfg)
+    log = [json.loads(x) for x in (rd / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    f = next((rd / "adapter").glob("*.safetensors"))
+    with safe_open(str(f), "pt") as sf:
+        assert {sf.get_tensor(k).dtype for k in sf.keys()} == {want}
+    import yaml
+
+    rec = yaml.safe_load((rd / "config.yaml").read_text())
+    assert rec["train"]["norm_dtype"] == "float32" and rec["model"]["dtype"] == dtype
+    assert json.loads((rd / "metrics.json").read_text())
+
+
+def test_dtype_settings_leave_existing_run_ids_alone(tmp_path):
+    m = {"name": "qlora", "rank": 4, "alpha": 8}
+    plain = tiny_cfg(tmp_path, m)
+    same = tiny_cfg(tmp_path, m, train={"adapter_dtype": "float32", "norm_dtype": "model"}, data={"prompt": "alpaca"})
+    assert C.run_id(plain) == C.run_id(same)
+    assert C.run_id(tiny_cfg(tmp_path, m, train={"adapter_dtype": "bfloat16"})) != C.run_id(plain)
+    assert C.run_id(tiny_cfg(tmp_path, m, data={"prompt": "alpaca-trailing-space"})) != C.run_id(plain)
+    with pytest.raises(ConfigError, match=r"train.adapter_dtype='bf16' is not allowed; choose one of"):
+        tiny_cfg(tmp_path, m, train={"adapter_dtype": "bf16"})
