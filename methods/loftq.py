@@ -10,7 +10,8 @@ Start with ``A = B = 0``. For ``t = 1..T``::
 residual): with one iteration, or with ``s = 1``, that is peft's LoftQ formula for formula
 (``tests/test_peft_method.py``); with several iterations and ``s != 1`` peft subtracts ``L·R`` inside the loop
 where this subtracts ``s·B·A``, the part the adapter adds. ``variant="peft"`` is peft's loop for any number of
-iterations (see :func:`loftq_decompose`). The base is NF4 through bitsandbytes (bits=4, quant_type='nf', bitsandbytes-compatible), the own
+iterations (see :func:`loftq_decompose`), and its stored base is NF4 without double quantization, as peft's.
+The base is NF4 through bitsandbytes (bits=4, quant_type='nf', bitsandbytes-compatible), the own
 NF2/NF3 codebook quantizer, or INTk (quant_type='int'). The quantizer inside the loop is exactly the one that
 stores the base, so ``Q_T`` is what the deployed model dequantizes to.
 """
@@ -106,6 +107,12 @@ class LoftQ(Method):
         bits, g = self.hp["bits"], self.hp["group_size"]
         if self.hp["quant_type"] == "int":
             return QuantScheme(kind="int", bits=bits, group_size=g)
+        if bits == 4 and self.hp["variant"] == "peft":
+            # peft's base: NF4 block 64 *without* double quantization (loftq_utils.py:77-81; LoftQ's README
+            # loads it with bnb_4bit_use_double_quant=False). The suite's own NF4 codebook quantizer holds exactly
+            # bitsandbytes' codes and float32 absmax of that format (tests/test_quant.py), so the stored base is
+            # the loop's quantizer and the base peft fine-tunes.
+            return QuantScheme(kind="nf", bits=4, blocksize=64)
         if bits == 4:
             return QuantScheme(kind="bnb-nf4", bits=4, blocksize=64)
         return QuantScheme(kind="nf", bits=bits, blocksize=g)

@@ -302,3 +302,19 @@ def test_loftq_variant_peft_is_peft_loftq_loop_for_any_iterations_and_scaling():
         methods.build("loftq", variant="peft")
     m = methods.build("loftq", variant="peft", scale_compensation=False, rank=4, iters=2)
     assert m.base_key()["variant"] == "peft" and "variant" not in methods.build("loftq").base_key()
+    # the stored base is peft's too: NF4 block 64 without double quantization (bitsandbytes' codes and absmax)
+    from bitsandbytes.functional import quantize_4bit
+
+    from methods.quant.bnb import _dequantize_nf4
+
+    lin = torch.nn.Linear(128, 64, bias=False)
+    lin.weight.data.copy_(w)
+    m3 = methods.build("loftq", variant="peft", scale_compensation=False, rank=4, alpha=8, iters=3)
+    base = m3.quantize_base(None, [("l", lin)], None)["l"]
+    target3, a3, b3, _ = loftq_decompose(w, m3.scheme(), rank=4, scaling=2.0, iters=3, scale_compensation=False,
+                                         variant="peft")
+    packed, qs = quantize_4bit(target3.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=False)
+    assert not qs.nested
+    torch.testing.assert_close(base.dequantize(), _dequantize_nf4(packed, qs), rtol=0, atol=1e-6)
+    torch.testing.assert_close(m3._init["l"][0], a3)
+    assert methods.build("loftq").scheme().kind == "bnb-nf4" and m3.scheme().kind == "nf"
