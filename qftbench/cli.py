@@ -126,6 +126,8 @@ def cmd_plan(args) -> int:
     from . import sweep as S
 
     raw = S.load(args.sweep)
+    if args.preset:  # as `snakemake --config preset=NAME`: the preset of every entry without its own
+        raw["preset"] = args.preset
     if args.gpu_mem_gib:
         raw.setdefault("resources", {})["gpu_mem_gib"] = args.gpu_mem_gib
     print(S.plan_text(raw, args.sweep, gpu_tflops=args.gpu_tflops, mfu=args.mfu))
@@ -192,6 +194,9 @@ def main(argv=None) -> int:
     s.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation assumed (default 0.3)")
     s.add_argument("--gpu-mem-gib", type=float, default=None,
                    help="memory of one GPU in GiB for the fit check (default: the sweep's resources.gpu_mem_gib or 80)")
+    s.add_argument("--preset", default=None, metavar="NAME",
+                   help="the sweep's preset (e.g. paper or released-code in config/paper.yaml), as snakemake "
+                        "--config preset=NAME")
     s.set_defaults(func=cmd_plan)
     from .cli_account import add_parser as add_account
 

@@ -27,6 +27,14 @@ REQUANT_DEFAULTS = {"bits": 4, "group_size": 32, "quantizer": "gptq"}
 #: the evaluation mode of one entry of an ``eval.requant`` list (see :func:`requant_mode_name`)
 REQUANT_MODE_RE = re.compile(r"^requant-w(\d+)g(\d+)(-rtn)?$")
 
+#: ``eval.mmlu``: the MMLU protocol, recorded with every evaluation (docs/SETTINGS.md, "MMLU protocol"): the split
+#: (the test split, as the QLoRA and QA-LoRA papers report; lm-eval's ``mmlu`` and the offline ``qft_mmlu`` both
+#: evaluate it), the script (lm-eval's MMLU task as pinned: the hendrycks prompt, dev items as shots, the
+#: log-likelihood of each answer letter) and the headline average (``questions``: the original script's, or
+#: ``subjects``: qlora.py's / qalora.py's mean over the 57 subjects). Both averages are computed from the
+#: per-item records of every run; the paper comparison always uses the paper's own average.
+MMLU_PROTOCOL = {"split": "test", "script": "lm-eval", "average": "questions"}
+
 TRAIN_DEFAULTS = {
     "max_steps": 10000, "batch_size": 16, "micro_batch_size": 4, "lr": 2e-4, "lr_scheduler": "constant",
     "warmup_steps": 0, "max_grad_norm": 0.3, "weight_decay": 0.0, "optimizer": "paged_adamw_32bit",
@@ -44,7 +52,8 @@ DEFAULTS: dict[str, Any] = {
     "train": TRAIN_DEFAULTS,
     "eval": {"tasks": ["qft_synthetic"], "num_fewshot": {}, "limit": None, "batch_size": 8,
              "data_root": None, "modes": ["deploy"], "seed": 1234,
-             "requant": dict(REQUANT_DEFAULTS)},  # or a list of such settings
+             "requant": dict(REQUANT_DEFAULTS),  # or a list of such settings
+             "mmlu": dict(MMLU_PROTOCOL)},
     "seed": 0,
     "paths": {"results": "results", "scratch": "scratch", "cache": None},
 }
@@ -105,6 +114,8 @@ SCHEMA = _obj({
         "modes": {"type": "array", "items": {"enum": list(DEPLOY_MODES)}, "minItems": 1},
         "seed": _int,
         "requant": {"anyOf": [_REQUANT, {"type": "array", "items": _REQUANT, "minItems": 1}]},
+        "mmlu": _obj({"split": {"enum": ["test", "validation"]}, "script": {"enum": ["lm-eval", "hendrycks"]},
+                      "average": {"enum": ["questions", "subjects"]}}),
     }),
     "seed": _int,
     "paths": _obj({"results": _str, "scratch": _str, "cache": {"type": ["string", "null"]}}),
@@ -325,6 +336,14 @@ def _check_combinations(cfg: dict, method, where: str) -> None:
         if mode == "4+16" and scheme is None:
             raise ConfigError(f"{where}: eval.modes contains '4+16' but method {method.name!r} has no quantized "
                               f"base. Use 'deploy' or 'fp16-merge'.")
+    mm = cfg["eval"]["mmlu"]
+    if mm["split"] != "test" or mm["script"] != "lm-eval":
+        raise ConfigError(
+            f"{where}: eval.mmlu: split={mm['split']!r}, script={mm['script']!r} is not available: the suite "
+            f"evaluates MMLU's test split with lm-eval's MMLU task (the hendrycks prompt and answer letters, as "
+            f"pinned). The released codes' validation-split MMLU (qlora.py:137-139) is a monitor during training, "
+            f"not what the papers report, and the original hendrycks script is not packaged. Fix: set "
+            f"eval.mmlu.split: test and eval.mmlu.script: lm-eval (eval.mmlu.average may be questions or subjects).")
     if cfg["data"]["source"] == "local" and not cfg["data"]["path"]:
         raise ConfigError(f"{where}: data.source='local' needs data.path (a local instruction JSON/JSONL file).")
     if method.hp.get("quantizer") == "gptq" and cfg["calibration"]["n_samples"] < 1:
@@ -370,6 +389,26 @@ TRAINING_KEYS = ("model", "method", "data", "calibration", "train", "seed")
 HASH_NEUTRAL = {("data", "empty_outputs"): "keep", ("method", "gptq_groups"): "updated",
                 ("method", "variant"): "suite", ("data", "prompt"): "alpaca",
                 ("train", "adapter_dtype"): "float32", ("train", "norm_dtype"): "model"}
+
+
+#: settings that a job's params leave out at these values (see :func:`job_view`): every setting added since
+#: job params stopped growing with the suite. (The HASH_NEUTRAL settings added before -- data.empty_outputs,
+#: method.gptq_groups, method.variant -- are in the params of jobs that ran since and stay there.)
+JOB_NEUTRAL = {("data", "prompt"): "alpaca", ("train", "adapter_dtype"): "float32", ("train", "norm_dtype"): "model",
+               ("eval", "mmlu"): MMLU_PROTOCOL}
+
+
+def job_view(cfg: dict) -> dict:
+    """The config a Snakemake job carries as its params (JSON on its command line): the run config without the
+    ``sweep`` section and without the settings of :data:`JOB_NEUTRAL` at their neutral values. A setting added
+    to the suite at the value that runs already had therefore leaves every existing job's params as they were,
+    so Snakemake does not rerun (and delete) what a results folder already holds; the job resolves the same
+    config from it (:func:`resolve` fills the defaults back in)."""
+    view = {k: copy.deepcopy(v) for k, v in cfg.items() if k != "sweep"}
+    for (section, key), neutral in JOB_NEUTRAL.items():
+        if isinstance(view.get(section), dict) and view[section].get(key, neutral) == neutral:
+            view[section].pop(key, None)
+    return view
 
 
 def training_view(cfg: dict) -> dict:

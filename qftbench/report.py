@@ -778,10 +778,38 @@ def load_paper(paper_csv: str | os.PathLike | None = None) -> pd.DataFrame:
     return p
 
 
+#: the MMLU protocol behind each paper's published numbers (docs/SETTINGS.md, "MMLU split and script", "MMLU
+#: average", "MMLU protocol"): QLoRA's authors used the original MMLU script on the test split (artidoro/qlora#194),
+#: whose average is over questions (hendrycks/test evaluate.py:133); QA-LoRA reports the same protocol. Every run
+#: records both averages (acc_micro over questions, acc_macro over subjects) from its per-item results and
+#: evaluates the test split with lm-eval's MMLU task (config.MMLU_PROTOCOL), so a paper row is compared with the
+#: run's number at the paper's own average.
+PAPER_MMLU = {"QLoRA": {"split": "test", "average": "questions"}, "QA-LoRA": {"split": "test", "average": "questions"}}
+MMLU_AVERAGE_METRIC = {"questions": "acc_micro", "subjects": "acc_macro"}
+
+
+def _paper_protocol(source: str) -> dict | None:
+    return next((v for k, v in PAPER_MMLU.items() if str(source).startswith(k)), None)
+
+
 def _paper_metric(row) -> str:
     if row["metric"] == "acc" and row["task"] == "mmlu":
-        return "acc_macro" if str(row["source"]).startswith("QLoRA") else "acc_micro"
+        proto = _paper_protocol(row["source"]) or {"average": "questions"}
+        return MMLU_AVERAGE_METRIC[proto["average"]]
     return row["metric"]
+
+
+def _protocol_note(task: str, metric: str, pr) -> str:
+    """What the comparison of one MMLU row compares: like with like, or why it cannot."""
+    if task != "mmlu":
+        return ""
+    avg = {v: k for k, v in MMLU_AVERAGE_METRIC.items()}.get(metric, metric)
+    if pr is None:
+        return f"test split, lm-eval, over {avg}; no published number at this average"
+    proto = _paper_protocol(pr["source"])
+    if proto is None:
+        return f"not comparable: the protocol of {pr['source']} is not known"
+    return f"like with like: {proto['split']} split, over {proto['average']}"
 
 
 def _num_bits(b) -> float | None:
@@ -798,7 +826,7 @@ def paper_vs_reproduced(df: pd.DataFrame, paper_csv: str | os.PathLike | None = 
     ``paper`` (several published rows for one number, e.g. QA-LoRA Table 1 and Table 5: one row each)."""
     cols = ["model", "method", "mode", "data", "bits", "group", "rank", "task", "shots", "category", "metric",
             "paper", "reproduced", "ci_lo", "ci_hi", "n_items", "std", "n_seeds", "diff", "paper_method",
-            "paper_source", "paper_note"]
+            "paper_source", "paper_note", "protocol"]
     if df.empty:
         return pd.DataFrame(columns=cols)
     head = df[(df["metric"].isin(["acc_micro", "acc_macro"]) & (df["task"] == "mmlu"))
@@ -855,6 +883,7 @@ def paper_vs_reproduced(df: pd.DataFrame, paper_csv: str | os.PathLike | None = 
                            paper_note=pr["note"].lstrip("; ") or ("unreadable in the source" if pd.isna(
                                pr["value"]) else ""))
             row["diff"] = row["reproduced"] - row["paper"]
+            row["protocol"] = _protocol_note(r.task, r.metric, pr)
             out.append(row)
     res = pd.DataFrame(out, columns=cols)
     res["n_items"] = res["n_items"].astype("Int64")

@@ -46,7 +46,9 @@ SETTING_KEYS = {"setting", "paper", "code", "ours", "status", "follows", "why", 
 PAPER_KEYS = {"value", "where", "note"}
 CODE_KEYS = {"value", "file", "line", "repo", "note", "also"}
 OURS_KEYS = {"value", "field", "note", "check"}
-CHECK_KEYS = {"path", "methods", "models", "data", "where", "mode", "value"}
+CHECK_KEYS = {"path", "methods", "models", "data", "where", "mode", "value", "preset"}
+#: the presets of config/paper.yaml that a setting on which paper and code disagree selects between
+PRESETS = ("paper", "released-code")
 _MISSING = object()
 
 
@@ -140,7 +142,12 @@ def _validate_setting(s: Any, w: str, srcs: dict) -> None:
     st = s.get("status")
     _need(st in STATUSES, w, f"status {st!r} is not one of {list(STATUSES)}.")
     if st == "paper-vs-code-disagree":
-        _need(s.get("follows") in ("paper", "code"), w, "status paper-vs-code-disagree needs follows: paper|code.")
+        _need(s.get("follows") in ("paper", "code", "preset"), w,
+              "status paper-vs-code-disagree needs follows: paper|code|preset.")
+        if s.get("follows") == "preset":  # both values selectable: a check under each preset
+            have = {c.get("preset") for c in (s["ours"].get("check") or [])}
+            _need(set(PRESETS) <= have, w, f"follows: preset needs ours.check selectors with preset: "
+                                           f"{' and '.join(PRESETS)} (one value per preset).")
     if st == "deliberate-difference":
         _need(bool(s.get("why")), w, "status deliberate-difference needs 'why'.")
     if st == "mismatch":
@@ -153,6 +160,7 @@ def _validate_setting(s: Any, w: str, srcs: dict) -> None:
             _need(isinstance(c, dict) and isinstance(c.get("path"), str), cw, "needs a dotted 'path'.")
             _need(not set(c) - CHECK_KEYS, cw, f"allowed keys {sorted(CHECK_KEYS)}.")
             _need(c.get("mode", "each") in MODES, cw, f"mode must be one of {list(MODES)}.")
+            _need(c.get("preset") is None or c["preset"] in PRESETS, cw, f"preset must be one of {list(PRESETS)}.")
             for k in ("methods", "models", "data"):
                 _need(c.get(k) is None or _is_str_list(c[k]), cw, f"'{k}' must be a list of names.")
             _need(c.get("where") is None or (isinstance(c["where"], dict)
@@ -230,7 +238,8 @@ def _status_cell(s: dict) -> str:
     st = s["status"]
     out = f"**{st}**"
     if st == "paper-vs-code-disagree":
-        out += f" (ours follows the {s['follows']})"
+        out += (" (both are presets: `preset: paper` runs the paper's value, `preset: released-code` the code's)"
+                if s["follows"] == "preset" else f" (ours follows the {s['follows']})")
     if s.get("why"):
         out += f" — why: {s['why']}"
     if s.get("fix"):
@@ -343,19 +352,23 @@ def _show(v: Any) -> Any:
     return "<missing>" if v is _MISSING else v
 
 
-def check_paper_config(runs: dict[str, dict], data: dict | None = None) -> list[dict]:
-    """Disagreements between the resolved runs (``qftbench.sweep.expand(...)``: ``{run_id: cfg}``) and the
+def check_paper_config(runs: dict, data: dict | None = None) -> list[dict]:
+    """Disagreements between the resolved runs (``qftbench.sweep.expand(...)``: ``{run_id: cfg}``, or
+    ``{preset: {run_id: cfg}}`` with ``None`` for the sweep as written, see :func:`expand_presets`) and the
     ``ours`` values recorded in sources.yaml, one entry per (setting, selector, actual value):
-    ``{paper, setting, path, selector, expected, actual, runs}`` (``runs``: the run ids with that value).
+    ``{paper, setting, path, selector, expected, actual, runs}`` (``runs``: the run ids with that value). A
+    selector with ``preset: P`` is checked on the runs of preset P, the others on the sweep as written.
     A selector that selects no run is reported too (``actual: "<no run selected>"``). Empty: no drift."""
     data = data if data is not None else load()
+    by_preset = runs if None in runs else {None: runs}
     out: list[dict] = []
     for pid, s in settings(data):
         for c in s["ours"].get("check") or []:
             expected = c.get("value", s["ours"]["value"])
             mode = c.get("mode", "each")
-            sel = {k: c[k] for k in ("methods", "models", "data", "where") if c.get(k) is not None}
-            picked = {rid: cfg for rid, cfg in runs.items() if _selected(cfg, c)}
+            sel = {k: c[k] for k in ("methods", "models", "data", "where", "preset") if c.get(k) is not None}
+            pool = by_preset.get(c.get("preset"), {})
+            picked = {rid: cfg for rid, cfg in pool.items() if _selected(cfg, c)}
             base = {"paper": pid, "setting": s["setting"], "path": c["path"], "selector": sel,
                     "expected": expected}
             if not picked:
@@ -394,11 +407,24 @@ def format_disagreements(found: list[dict], max_runs: int = 3) -> str:
     return "\n".join(lines)
 
 
-def check_sweep(path: str | Path = PAPER_YAML, data: dict | None = None) -> list[dict]:
-    """:func:`check_paper_config` over every run of the sweep config at ``path``."""
+def expand_presets(sweep: dict, where: str = "sweep") -> dict:
+    """``{None: runs as written, preset: runs with every entry under that preset}`` for each of the sweep's
+    ``presets`` (as ``snakemake --config preset=P`` runs it, entries' own ``preset:`` keys set aside)."""
     from . import sweep as S
 
-    return check_paper_config(S.expand(S.load(path), where=str(path)), data)
+    out = {None: S.expand(sweep, where=where)}
+    for name in sweep.get("presets") or {}:
+        forced = {**sweep, "preset": name,
+                  "methods": [{k: v for k, v in e.items() if k != "preset"} for e in sweep["methods"]]}
+        out[name] = S.expand(forced, where=f"{where} (preset {name})")
+    return out
+
+
+def check_sweep(path: str | Path = PAPER_YAML, data: dict | None = None) -> list[dict]:
+    """:func:`check_paper_config` over every run of the sweep config at ``path``, under each of its presets."""
+    from . import sweep as S
+
+    return check_paper_config(expand_presets(S.load(path), where=str(path)), data)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,18 @@ A sweep config (``config/default.yaml``, ``config/paper.yaml``, ...) has these k
     run:       {train: ..., eval: ..., calibration: ..., paths: ...}   # defaults of every run config
     overrides: {method: {qalora: {train: {lr: 2.0e-5}}}, model: {llama-33b: {train: {lr: 1.0e-4}}},
                 match: [{when: {method: [qalora], model: [llama-33b, llama-65b]}, set: {train: {lr: 1.0e-5}}}]}
+    presets:   {paper: [{when: {method: [qalora]}, set: {train: {lr: 2.0e-5}}}],     # named rule lists, the
+                released-code: [{when: {method: [qalora]}, set: {train: {lr: 2.0e-4}}}]}   # shape of overrides.match
+    preset:    paper              # the preset of every method entry without its own `preset:`
     resources: {default: {...}, models: {llama-65b: {gpu: 2, ...}}}
     outputs:   {tables: results/tables, figures: figures}
+
+Presets hold the settings on which a paper and its released code disagree (config/paper.yaml,
+docs/SETTINGS.md): a run takes its rules last, after ``overrides`` (so a preset's value is the one that runs),
+from the entry's own ``preset:`` or else the sweep's. ``snakemake --configfile config/paper.yaml --config
+preset=released-code`` (or ``qftbench plan --set preset=released-code``) switches the whole grid. The preset of
+each run is recorded in its ``sweep`` section; runs whose settings come out equal under two presets are the same
+run (one id).
 
 :func:`expand` turns it into ``{run_id: resolved run config}``, each validated by :func:`qftbench.config.resolve`
 before any job starts; every error names the sweep key, the run and the fix.
@@ -53,6 +63,13 @@ RESOURCE_KEYS = {"mem_mb": int, "runtime": int, "gpu": int, "gpu_model": str, "c
                  "eval_runtime": int, "eval_mem_mb": int, "quantize_runtime": int, "slurm_extra": str}
 DEFAULT_RESOURCES = {"mem_mb": 8000, "runtime": 60, "gpu": 0, "cpus": 1, "threads": 1}
 
+#: ``overrides.match`` and each preset: rules ``{when: {method, model, data, bits, rank, seed: [..]}, set: {..}}``
+_RULES = {"type": "array", "items": {
+    "type": "object", "required": ["when", "set"], "additionalProperties": False,
+    "properties": {"when": {"type": "object", "additionalProperties": False, "properties": {
+        k: {"type": "array", "items": {"type": ["string", "integer"]}}
+        for k in ("method", "model", "data", "bits", "rank", "seed")}},
+        "set": {"type": "object"}}}}
 _res = {"type": "object", "properties": {k: {"type": "integer" if t is int else "string"}
                                          for k, t in RESOURCE_KEYS.items()}, "additionalProperties": False}
 SCHEMA = {
@@ -75,13 +92,10 @@ SCHEMA = {
         "overrides": {"type": "object", "properties": {
             "method": {"type": "object", "additionalProperties": {"type": "object"}},
             "model": {"type": "object", "additionalProperties": {"type": "object"}},
-            "match": {"type": "array", "items": {
-                "type": "object", "required": ["when", "set"], "additionalProperties": False,
-                "properties": {"when": {"type": "object", "additionalProperties": False, "properties": {
-                    k: {"type": "array", "items": {"type": ["string", "integer"]}}
-                    for k in ("method", "model", "data", "bits", "rank", "seed")}},
-                    "set": {"type": "object"}}}}},
+            "match": _RULES},
             "additionalProperties": False},
+        "presets": {"type": "object", "additionalProperties": _RULES},
+        "preset": {"type": "string"},
         "resources": {"type": "object", "properties": {
             "default": _res, "models": {"type": "object", "additionalProperties": _res},
             "gpu_tflops": {"type": "number"}, "mfu": {"type": "number"},
@@ -182,7 +196,7 @@ def _sets(node: dict | None, section: str, key: str) -> bool:
 
 
 #: keys of a method entry that are not method hyperparameters (where, at which seeds, and run settings of its runs)
-ENTRY_KEYS = ("models", "data", "seeds", "train")
+ENTRY_KEYS = ("models", "data", "seeds", "train", "preset")
 
 
 def _method_variants(entry: dict, grid: dict, where: str) -> list[dict]:
@@ -242,15 +256,26 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
                 raise ConfigError(f"{where}: methods[{i}] ({entry['name']}).seeds: {bad!r} is not a non-empty list of "
                                   f"this sweep's seeds ({seeds}). Fix: list some of {seeds}, e.g. "
                                   f"seeds: [{seeds[0]}], or drop the key to run at every seed.")
-    for j, rule in enumerate(ov.get("match", [])):
-        for lab in rule["when"].get("model", []):
-            if lab not in labels:
-                raise ConfigError(f"{where}: overrides.match[{j}].when.model: {lab!r} is not a model of this sweep."
-                                  f"{did_you_mean(lab, labels)}")
-        for name in rule["when"].get("method", []):
-            if name not in _m.names():
-                raise ConfigError(f"{where}: overrides.match[{j}].when.method: unknown method {name!r}."
-                                  f"{did_you_mean(name, _m.names())}")
+    presets = sweep.get("presets", {})
+    rule_lists = [("overrides.match", ov.get("match", []))] + [(f"presets.{k}", v) for k, v in presets.items()]
+    for key, rules in rule_lists:
+        for j, rule in enumerate(rules):
+            for lab in rule["when"].get("model", []):
+                if lab not in labels:
+                    raise ConfigError(f"{where}: {key}[{j}].when.model: {lab!r} is not a model of this sweep."
+                                      f"{did_you_mean(lab, labels)}")
+            for name in rule["when"].get("method", []):
+                if name not in _m.names():
+                    raise ConfigError(f"{where}: {key}[{j}].when.method: unknown method {name!r}."
+                                      f"{did_you_mean(name, _m.names())}")
+    for key, name in [("preset", sweep.get("preset"))] + [(f"methods[{i}] ({e['name']}).preset", e.get("preset"))
+                                                          for i, e in enumerate(sweep["methods"])]:
+        if name is not None and name not in presets:
+            known = sorted(presets)
+            raise ConfigError(f"{where}: {key}: {name!r} is not a preset of this sweep"
+                              + (f" (presets: {', '.join(known)}).{did_you_mean(str(name), known)}" if known else
+                                 "; it has no `presets:` section. Fix: define presets: {" + str(name) +
+                                 ": [{when: .., set: ..}]} or drop the preset key."))
     runs: dict[str, dict] = {}
     for model in _model_entries(sweep):
         for data_label, data in sweep["data"].items():
@@ -278,9 +303,12 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
                             raw = C._merge(raw, {"train": entry["train"]})
                         facts = {"method": variant["name"], "model": model["label"], "data": data_label,
                                  "bits": variant.get("bits"), "rank": variant.get("rank"), "seed": seed}
-                        for j, rule in enumerate(ov.get("match", [])):
+                        preset = entry.get("preset", sweep.get("preset"))
+                        rules = [(f"overrides.match[{j}]", r) for j, r in enumerate(ov.get("match", []))]
+                        rules += [(f"presets.{preset}[{j}]", r) for j, r in enumerate(presets.get(preset, []))]
+                        for src, rule in rules:  # the preset's rules last: its values are the ones that run
                             if all(facts[k] in v for k, v in rule["when"].items()):
-                                sources.append((f"overrides.match[{j}].set", rule["set"]))
+                                sources.append((f"{src}.set", rule["set"]))
                                 extra = copy.deepcopy(rule["set"])
                                 variant = {**variant, **extra.pop("method", {})}
                                 raw = C._merge(raw, extra)
@@ -314,10 +342,15 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
                         _check_shapes(model, cfg, label)
                         cfg["sweep"] = {"name": sweep.get("name", "sweep"), "model_label": model["label"],
                                         "data_label": data_label}
+                        if preset is not None:
+                            cfg["sweep"]["preset"] = preset
                         rid = C.run_id(cfg)
-                        if rid in runs and runs[rid]["sweep"] != cfg["sweep"]:
+                        def _where(c):
+                            return {k: v for k, v in c["sweep"].items() if k != "preset"}
+
+                        if rid in runs and _where(runs[rid]) != _where(cfg):
                             raise ConfigError(f"{label}: the same run appears twice in the sweep ({rid}).")
-                        runs[rid] = cfg
+                        runs.setdefault(rid, cfg)  # equal under two presets: one run (the first preset named)
     return runs
 
 

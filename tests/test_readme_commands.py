@@ -107,7 +107,7 @@ def test_account_as_documented(tmp_path):
 
 def test_plan_as_documented():
     p = _qftbench("plan", "--sweep", "config/paper.yaml", cwd=REPO)
-    assert "618 runs, 2178 evaluation jobs" in p.stdout
+    assert "516 runs, 1872 evaluation jobs" in p.stdout
 
 
 def test_methods_and_demo_as_documented(tmp_path):

@@ -125,10 +125,12 @@ SHIPPED_IDS = {
     "local": {"smollm2-135m-base-16b-g128-alpaca-s0-ab632b2f": 2e-4,
               "smollm2-135m-qlora-r8-4b-alpaca-s0-b3062b0c": 2e-4,
               "smollm2-135m-qalora-r8-4b-g32-alpaca-s0-9f0e95b8": 2e-4},
-    "paper": {"llama-7b-base-16b-g128-alpaca-s0-f008b819": 2e-4,
-              # gptq_groups: released (2026-12-02, issue 15: the released GPTQ's group statistics) changed the
-              # ids of the paper grid's GPTQ runs; was llama-7b-qalora-r64-4b-g32-alpaca-s0-9940e347
-              "llama-7b-qalora-r64-4b-g32-alpaca-s0-afbafa16": 2e-5},     # overrides.match
+    # the paper grid fixed against config/sources.yaml (2026-12-02, issue 15): gptq_groups: released changed the
+    # GPTQ runs' ids (llama-7b-qalora-r64-4b-g32-alpaca-s0-9940e347 -> afbafa16), then the released codes'
+    # Alpaca holdout (1024), prompt (trailing space), float32 norms and QA-LoRA's float16 base / lengths / pooling
+    # changed every id (base f008b819 -> 9a169cd5, qalora afbafa16 -> 2b2992ea)
+    "paper": {"llama-7b-base-16b-g128-alpaca-s0-9a169cd5": 2e-4,
+              "llama-7b-qalora-r64-4b-g32-alpaca-s0-2b2992ea": 2e-5},     # presets.paper
 }
 
 

@@ -55,9 +55,9 @@ EXPECTED = {
     "peft": {"quantize_base": 3, "finetune": 25, "evaluate": 25, "report": 1, "all": 1, "total": 55},
     # 2 runs (the un-tuned INT4 g32 base and qalora share one base) x 3 evaluation groups
     "tiny-real": {"quantize_base": 1, "finetune": 2, "evaluate": 6, "report": 1, "all": 1, "total": 11},
-    # 206 configurations x 3 seeds = 618 runs (test_paper_grid_size); 3 evaluation groups each, qlora in four
-    # deployment modes (4+16, requant-w4g32/w3g32/w2g32): (618 - 36) x 3 + 36 x 4 x 3 = 2178
-    "paper": {"finetune": 618, "evaluate": 2178, "report": 1, "all": 1},
+    # 172 configurations x 3 seeds = 516 runs (test_paper_grid_size); 3 evaluation groups each, qlora in four
+    # deployment modes (4+16, requant-w4g32/w3g32/w2g32): (516 - 36) x 3 + 36 x 4 x 3 = 1872
+    "paper": {"finetune": 516, "evaluate": 1872, "report": 1, "all": 1},
 }
 
 
@@ -74,17 +74,28 @@ def test_dry_run_job_counts(tmp_path, name):
 
 def test_paper_grid_size():
     runs = S.expand(S.load(REPO / "config" / "paper.yaml"))
-    assert len(runs) == 618
+    assert len(runs) == 516
     by = {}
     for cfg in runs.values():
         by.setdefault(cfg["method"]["name"], 0)
         by[cfg["method"]["name"]] += 1
-    # per (model, data): base 1 + lora 1 + qlora 1 + qalora 3 + peqa 3 + loftq 1 + qbara 1 + qahira 3 + qahira-ref 1
-    assert by == {"base": (12 + 6 * 3) * 3, "lora": 36, "qlora": 36, "qalora": (36 + 8) * 3, "peqa": 108,
+    # per (model, data): base 1 + lora 1 + qlora 1 + qalora 3 + loftq 1 + qbara 1 + qahira 3 + qahira-ref 1; QA-LoRA
+    # Table 5 (INT4/INT2 x g64/g128, 7B/13B, Alpaca) and PEQA (INT4, 7B/13B, Alpaca): the rows that were published
+    assert by == {"base": (12 + 6 * 3) * 3, "lora": 36, "qlora": 36, "qalora": (36 + 8) * 3, "peqa": 2 * 3,
                   "loftq": 36, "qbara": 36, "qahira": 108, "qahira-ref": 36}
     a = next(c for c in runs.values() if c["method"]["name"] == "qalora" and c["sweep"]["model_label"] == "llama-65b"
              and c["sweep"]["data_label"] == "flan_v2")
     assert a["train"]["lr"] == 1e-5 and a["train"]["max_steps"] == 20000 and a["method"]["dropout"] == 0.05
+    assert a["model"]["dtype"] == "float16" and a["train"]["precision"] == "fp32" and a["method"]["pool"] == "sum"
+    assert a["data"]["source_max_len"] == 1024 and a["sweep"]["preset"] == "paper"
+    # the released code's preset, as `snakemake --config preset=released-code` runs it
+    code = S.expand({**S.load(REPO / "config" / "paper.yaml"), "preset": "released-code"})
+    b = next(c for c in code.values() if c["method"]["name"] == "qalora" and c["sweep"]["model_label"] == "llama-65b"
+             and c["sweep"]["data_label"] == "flan_v2")
+    assert b["train"]["lr"] == 2e-4 and b["method"]["dropout"] == 0.0 and b["method"]["pool"] == "mean"
+    assert b["eval"]["mmlu"]["average"] == "subjects" and b["model"]["dtype"] == "float16"
+    lq = next(c for c in code.values() if c["method"]["name"] == "loftq")
+    assert (lq["method"]["variant"], lq["method"]["iters"], lq["method"]["scale_compensation"]) == ("peft", 1, False)
     q = next(c for c in runs.values() if c["method"]["name"] == "qlora" and c["sweep"]["model_label"] == "llama-7b")
     assert q["train"]["lr"] == 2e-4 and q["method"]["dropout"] == 0.1 and q["eval"]["modes"] == ["4+16", "requant"]
     # "QLoRA w/ GPTQ" at 4, 3 and 2 bits from the same trained model: one evaluation mode per setting
@@ -376,9 +387,9 @@ def test_plan_estimates_compute_before_submitting():
                           "--gpu-tflops", "312", "--mfu", "0.4"], capture_output=True, text=True, timeout=300,
                          cwd=REPO)
     assert out.returncode == 0, out.stderr
-    assert "618 runs, 2178 evaluation jobs" in out.stdout and "312 TFLOP/s x MFU 0.4" in out.stdout
+    assert "516 runs, 1872 evaluation jobs" in out.stdout and "312 TFLOP/s x MFU 0.4" in out.stdout
     p = S.plan(S.load(REPO / "config" / "paper.yaml"), gpu_tflops=312, mfu=0.4)
     r = next(r for r in p["runs"] if r["model"] == "llama-7b" and r["method"] == "qalora" and r["bits"] == 4)
     assert r["trainable_params"] == 89_309_184
-    assert r["train_tokens"] == 10000 * 16 * 512
+    assert r["train_tokens"] == 10000 * 16 * (1024 + 256)  # qalora.py's source / target lengths
     assert r["gpu_hours"] == pytest.approx(r["train_flops"] / (312e12 * 0.4) / 3600)

@@ -3,6 +3,7 @@ import json
 import sys
 from pathlib import Path
 
+from qftbench import config as C
 from qftbench import pipeline as P
 from qftbench import sweep as S
 
@@ -55,18 +56,20 @@ wildcard_constraints:
     group="[^/]+",
 
 
+# every job's params: its config without the settings added at the value runs already had (C.job_view), so that
+# upgrading the suite does not make Snakemake rerun (and delete) what a results folder holds
 def training_json(rid):
-    return json.dumps(S.training_view(RUNS[rid]), sort_keys=True)
+    return json.dumps(C.job_view(S.training_view(RUNS[rid])), sort_keys=True)
 
 
 def base_json(base):
     """The quantize_base job's config: the base's spec alone (qftbench.pipeline.base_spec), so that the job has
     the same params in every sweep that shares the base, whichever run claimed it."""
-    return json.dumps(P.base_spec(RUNS[BASES[base]]), sort_keys=True)
+    return json.dumps(C.job_view(P.base_spec(RUNS[BASES[base]])), sort_keys=True)
 
 
 def full_json(rid):
-    return json.dumps({k: v for k, v in RUNS[rid].items() if k != "sweep"}, sort_keys=True)
+    return json.dumps(C.job_view(RUNS[rid]), sort_keys=True)
 
 
 def res(rid, key, default=None):
