@@ -260,9 +260,12 @@ def render_markdown(data: dict | None = None) -> str:
         "Every setting that a paper row of `config/paper.yaml` depends on, with what the paper states, what the "
         "released code does (file:line at the commit below) and what the suite runs (the `config/paper.yaml` "
         "field, or the default that holds it). Status: **match** (ours equals every source that states a "
-        "value), **paper-vs-code-disagree** (ours follows the one named), **deliberate-difference** (with why), "
-        "**mismatch** (ours matches neither: a bug, with the fix). `tests/test_sources.py` checks every run of "
-        "`config/paper.yaml` against the `ours` values (`qftbench.sources.check_paper_config`).",
+        "value), **paper-vs-code-disagree** (both are presets of `config/paper.yaml`: `preset: paper` runs the "
+        "paper's value, `preset: released-code` the code's; or ours follows the one named), "
+        "**deliberate-difference** (with why), **mismatch** (ours matches neither: a bug, with the fix). "
+        "`tests/test_sources.py` checks every run of `config/paper.yaml`, as written and under each preset "
+        "(`qftbench plan --preset released-code`; `snakemake --config preset=released-code`), against the `ours` "
+        "values (`qftbench.sources.check_paper_config`).",
         "",
         "## Sources read",
         "",
