@@ -269,9 +269,11 @@ class Method:
                               "(see qftbench's calibration settings), or set quantizer='rtn'.")
         model.requires_grad_(False)
         bases = self.quantize_base(model, layers, calibration)
+        errors = {name: weight_error(mod, bases[name]) for name, mod in layers}
         for name, _ in layers:
             _set_module(model, name, bases[name])
-        model.qft_base = {"method": self.name, "key": self.base_key(), "layers": [n for n, _ in layers]}
+        model.qft_base = {"method": self.name, "key": self.base_key(), "layers": [n for n, _ in layers],
+                          "weight_error": errors}
         return model
 
     def check_injectable(self, model: nn.Module) -> dict:
@@ -338,6 +340,18 @@ class Method:
         model.qft_merged = "fp16-merge"
         model.qft_method = None
         return model
+
+
+def weight_error(original: nn.Module, base: nn.Module) -> float:
+    """Relative weight error of a frozen base: ``||W - W_base||_F / ||W||_F``, with ``W_base`` the weight the base
+    computes with (dequantized; for LoftQ the quantized residual, without its adapter initialisation). 0 for a
+    16-bit base."""
+    from .quant.scheme import dequantize_module
+
+    with torch.no_grad():
+        w = original.weight.detach().float()
+        q = dequantize_module(base).to(w.device)
+        return float((w - q).norm() / w.norm().clamp_min(1e-30))
 
 
 def _divisors(n: int) -> list[int]:

@@ -372,6 +372,9 @@ def summarize(results: Mapping, loaded: Mapping[str, tuple[Any, list]] | None = 
             "n": _n(results, task), "num_fewshot": nshot.get(task), "version": versions.get(task),
             "alias": r.get("alias", task),
         }
+        for metric in PERPLEXITY_METRICS:  # a rolling log-likelihood task (qft_alpaca_ppl, wikitext)
+            if _metric(r, metric) is not None:
+                row[metric] = _metric(r, metric)
         m = SUBJECT_TASK.match(task)
         if m and m["subject"] in subjects:
             mmlu_rows.setdefault(m["suite"], {})[m["subject"]] = row
@@ -425,6 +428,10 @@ def summarize(results: Mapping, loaded: Mapping[str, tuple[Any, list]] | None = 
             "provenance": provenance}
 
 
+#: the metrics of a rolling log-likelihood (perplexity) task, as lm-eval's wikitext reports them
+PERPLEXITY_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
 def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # first maximum, as numpy's argmax
 
@@ -435,7 +442,8 @@ def items_of(samples: Mapping[str, list[dict]]) -> dict[str, dict[str, list]]:
     (the choice with the highest log-likelihood; ``pred_norm`` by length-normalised log-likelihood where the task
     reports ``acc_norm``), ``acc`` and ``acc_norm`` (0/1), and ``cluster`` where the documents name one (the
     synthetic task's ``fact``: questions about one fact are resampled together). Paired statistics between runs
-    need exactly this."""
+    need exactly this. A perplexity task records each document's ``loglikelihood`` with its ``words`` and
+    ``bytes`` instead (what its word/byte perplexity aggregates)."""
     out: dict[str, dict[str, list]] = {}
     for task, rows in samples.items():
         if not rows:
@@ -458,6 +466,11 @@ def items_of(samples: Mapping[str, list[dict]]) -> dict[str, dict[str, list]]:
         for metric in ("acc", "acc_norm"):
             if all(metric in r for r in rows):
                 cols[metric] = [float(r[metric]) for r in rows]
+        if all(isinstance(r.get("word_perplexity"), (list, tuple)) for r in rows):  # perplexity: per document
+            cols["loglikelihood"] = [float(r["word_perplexity"][0]) for r in rows]
+            cols["words"] = [int(r["word_perplexity"][1]) for r in rows]
+            if all(isinstance(r.get("byte_perplexity"), (list, tuple)) for r in rows):
+                cols["bytes"] = [int(r["byte_perplexity"][1]) for r in rows]
         out[task] = cols
     return out
 

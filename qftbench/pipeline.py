@@ -298,6 +298,7 @@ def finetune_step(cfg, *, stop_after: int | None = None) -> Path:
     acc["train_tokens_per_epoch"] = tokens
     acc["measured_trainable_params"] = n_trainable
     acc["train_flops_total"] = acc["train_flops_per_token"] * _trained_tokens(rd)
+    acc.update(base_quality(cfg, method))
     write_json_atomic(rd / "accounting.json", acc)
     write_json_atomic(rd / "provenance.json", record(step="finetune", run_id=C.run_id(cfg), seed=cfg["seed"],
                                                      data=data_info, method=method.describe(),
@@ -305,6 +306,22 @@ def finetune_step(cfg, *, stop_after: int | None = None) -> Path:
                                                      finetune_seconds=time.perf_counter() - t0 - t_prep))
     write_json_atomic(rd / "train.json", summary)  # last: marks the run finished
     return rd
+
+
+def base_quality(cfg, method) -> dict:
+    """What the run's frozen base is and how far it is from the 16-bit weights: ``base_quant`` (the quantizer's
+    label, e.g. ``int4-g32 rtn``, ``bnb-nf4-dq-b64``, ``16-bit``) and ``base_weight_error`` (``mean``, ``max``,
+    ``n_layers`` of ``||W - W_base||_F / ||W||_F`` over the target layers, from the base's manifest; None for a
+    base built before the suite recorded it)."""
+    scheme = method.scheme()
+    quant = "16-bit" if scheme is None else scheme.label()
+    if scheme is not None and scheme.kind == "int":
+        quant += f" {method.hp.get('quantizer', 'rtn')}"
+    manifest = base_dir(cfg) / "base_manifest.json"
+    errs = (json.loads(manifest.read_text()).get("weight_error") if manifest.is_file() else None) or None
+    summary = None if errs is None else {"mean": sum(errs.values()) / len(errs), "max": max(errs.values()),
+                                         "n_layers": len(errs)}
+    return {"base_quant": quant, "base_weight_error": summary}
 
 
 def _known(cfg) -> bool:

@@ -53,7 +53,8 @@ RUN_COLUMNS = ["run_id", "model", "method", "data", "bits", "group_size", "rank"
 EVAL_COLUMNS = ["mode", "task", "shots", "category", "metric", "value", "stderr", "n"]
 EXTRA_COLUMNS = ["alpha", "deploy_mode", "deploy_bits", "deploy_group_size", "config_id", "lr_group", "run_dir"]
 ACCOUNTING_COLUMNS = ["trainable_params", "adapter_flops_per_token", "train_flops_per_token", "train_flops_total",
-                      "bits_per_param", "train_time_s", "peak_mem_mb", "tokens_per_s", "train_steps"]
+                      "bits_per_param", "train_time_s", "peak_mem_mb", "tokens_per_s", "train_steps",
+                      "quant", "weight_error", "weight_error_max"]
 COLUMNS = RUN_COLUMNS + EVAL_COLUMNS + EXTRA_COLUMNS + ACCOUNTING_COLUMNS
 
 #: replicates (seeds) of one configuration are averaged over these keys
@@ -210,16 +211,18 @@ def _eval_rows(res: Mapping, mode: str) -> list[dict]:
     file_shots = _shots(res, 0)
     rows: list[dict] = []
 
-    def add(task, shots, category, metric, value, stderr=None, n=None):
+    def add(task, shots, category, metric, value, stderr=None, n=None, raw=False):
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return
         rows.append({"mode": mode, "task": task, "shots": shots, "category": category, "metric": metric,
-                     "value": _pct(value), "stderr": _pct(stderr), "n": n})
+                     "value": value if raw else _pct(value), "stderr": stderr if raw else _pct(stderr), "n": n})
 
     for task, r in (res.get("tasks") or {}).items():
         shots = _shots(r, file_shots)
         for metric in ("acc", "acc_norm"):
             add(norm_task(task), shots, "", metric, r.get(metric), r.get(f"{metric}_stderr"), r.get("n"))
+        for metric in ("word_perplexity", "bits_per_byte"):  # perplexity tasks: as they are, not percent
+            add(norm_task(task), shots, "", metric, r.get(metric), None, r.get("n"), raw=True)
     for suite, block in (res.get("mmlu") or {}).items():
         shots = _shots(block, file_shots)
         task = norm_task(suite)
@@ -285,6 +288,9 @@ def _run_info(rd: Path) -> dict | None:
         "peak_mem_mb": train.get("peak_mem_mb"),
         "tokens_per_s": train.get("tokens_per_s"),
         "train_steps": train.get("steps"),
+        "quant": acc.get("base_quant"),
+        "weight_error": (acc.get("base_weight_error") or {}).get("mean"),
+        "weight_error_max": (acc.get("base_weight_error") or {}).get("max"),
         "_method_cfg": m,
         "_eval_cfg": cfg.get("eval") or {},
     }
@@ -342,10 +348,10 @@ def collect(results_dir: str | os.PathLike) -> pd.DataFrame:
               "train_steps"):
         df[c] = df[c].astype("Int64")
     for c in ("value", "stderr", "alpha", "lr", "adapter_flops_per_token", "train_flops_per_token", "train_flops_total",
-              "bits_per_param", "train_time_s", "peak_mem_mb", "tokens_per_s"):
+              "bits_per_param", "train_time_s", "peak_mem_mb", "tokens_per_s", "weight_error", "weight_error_max"):
         df[c] = df[c].astype("float64")
     for c in ("run_id", "model", "method", "data", "mode", "task", "category", "metric", "deploy_mode",
-              "deploy_bits", "config_id", "lr_group", "run_dir"):
+              "deploy_bits", "config_id", "lr_group", "run_dir", "quant"):
         df[c] = df[c].astype(object).where(df[c].notna(), "").astype(str)
     return df
 
@@ -407,7 +413,9 @@ def _file_items(path: str, mtime_ns: int) -> dict:
         keys = cols.get("doc_hash") if all(cols.get("doc_hash") or [None]) else cols.get("doc_id")
         out.setdefault((task, shots), {})[stratum] = {"key": list(keys), "acc": cols.get("acc"),
                                                       "acc_norm": cols.get("acc_norm"),
-                                                      "cluster": cols.get("cluster")}
+                                                      "cluster": cols.get("cluster"),
+                                                      "loglikelihood": cols.get("loglikelihood"),
+                                                      "words": cols.get("words")}
     return out
 
 
@@ -1012,6 +1020,161 @@ def paired_table(agg: pd.DataFrame) -> pd.DataFrame:
     return t[with_n_facts(cols, t)]
 
 
+#: the cells of the damage table, in column order: (task, category, metric, label); the first present one with
+#: per-item records is the headline that the paired difference to the 16-bit model is computed on
+DAMAGE_CELLS = [("commonsense_avg", "", "acc", "commonsense avg"),
+                *((t, "", "acc", COMMONSENSE_LABELS[t]) for t in COMMONSENSE_TASKS),
+                ("mmlu", "avg", "acc_micro", "MMLU"), ("synthetic", "", "acc", "synthetic")]
+DAMAGE_COLUMNS = ["model", "data", "quant", "bits/param", "weight err. mean (%)", "weight err. max (%)"]
+#: the perplexity task of the damage table (qftbench/tasks/qft_alpaca_ppl.yaml), its column label
+DAMAGE_PPL = ("alpaca_ppl", "Alpaca ppl")
+PPL_BOOT = 2000
+
+
+def _ppl_docs(run_dirs, mode: str, task: str, shots) -> dict | None:
+    """``{doc key: (log-likelihood, words)}`` of a perplexity task over a cell's runs (pooled), or None."""
+    out = {}
+    for rd in run_dirs or ():
+        rec = ((run_items(rd, mode).get((task, int(shots))) or {}).get(task)) or {}
+        if rec.get("loglikelihood") is None or rec.get("words") is None:
+            return None
+        for k, ll, w in zip(rec["key"], rec["loglikelihood"], rec["words"]):
+            out[(rd, k)] = (ll, w)
+    return out or None
+
+
+def ppl_interval(docs: Mapping, key=()) -> tuple[float, float, float]:
+    """Word perplexity ``exp(-sum ll / sum words)`` of the documents and its 95% bootstrap interval over
+    documents (:data:`PPL_BOOT` resamples, seeded by ``key``)."""
+    import numpy as np
+
+    from . import stats
+
+    ll = np.array([v[0] for v in docs.values()])
+    w = np.array([v[1] for v in docs.values()], dtype=float)
+    rng = np.random.default_rng(stats.seed_of("ppl", *key))
+    idx = rng.integers(0, len(ll), size=(PPL_BOOT, len(ll)))
+    boot = np.exp(-ll[idx].sum(1) / w[idx].sum(1))
+    return float(np.exp(-ll.sum() / w.sum())), float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
+
+
+def ppl_ratio(a: Mapping, b: Mapping, key=()) -> tuple[float, float, float, int] | None:
+    """Paired ratio of word perplexities ``ppl(a) / ppl(b)`` on the documents both scored (by document key,
+    runs pooled), with its 95% bootstrap interval over those documents, and their number."""
+    import numpy as np
+
+    from . import stats
+
+    ka = {k[1]: v for k, v in a.items()}
+    kb = {k[1]: v for k, v in b.items()}
+    common = sorted(set(ka) & set(kb), key=str)
+    if not common:
+        return None
+    lla, llb = (np.array([d[k][0] for k in common]) for d in (ka, kb))
+    w = np.array([ka[k][1] for k in common], dtype=float)
+    rng = np.random.default_rng(stats.seed_of("ppl-ratio", *key))
+    idx = rng.integers(0, len(common), size=(PPL_BOOT, len(common)))
+    boot = np.exp(-(lla[idx].sum(1) - llb[idx].sum(1)) / w[idx].sum(1))
+    return (float(np.exp(-(lla.sum() - llb.sum()) / w.sum())), float(np.quantile(boot, 0.025)),
+            float(np.quantile(boot, 0.975)), len(common))
+
+
+def damage_table(df: pd.DataFrame, agg: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Quantization damage: the un-tuned model (method ``base``) under each quantizer beside its 16-bit self.
+
+    One row per (model, data, quantizer): ``quant`` (the base's label, e.g. ``int4-g32 rtn``, ``bnb-nf4-dq-b64``),
+    deployed bits per parameter, the relative weight error ``||W - W_base||_F / ||W||_F`` over the target layers
+    (mean and max, percent; recorded when the base was quantized), the accuracy of every evaluated cell of
+    :data:`DAMAGE_CELLS` with its 95% interval, and the paired difference to the 16-bit model on the headline
+    cell (the first of :data:`DAMAGE_CELLS` present): ``Δ vs 16-bit`` with its interval, p, n items and a
+    verdict (``lossy``, ``better``, or ``inconclusive`` when the interval covers 0 or p >= :data:`ALPHA`).
+    Where the runs scored held-out text (``qft_alpaca_ppl``): its word perplexity with a 95% bootstrap interval
+    over documents, and the paired ratio to the 16-bit model's perplexity on the same documents (a more
+    sensitive measure of damage than accuracy on a few hundred questions). Empty without a 16-bit ``base`` run
+    beside a quantized one."""
+    from . import stats
+
+    if df.empty:
+        return pd.DataFrame(columns=DAMAGE_COLUMNS)
+    agg = aggregate(df) if agg is None else agg
+    b = agg[agg["method"] == "base"]
+    if b.empty:
+        return pd.DataFrame(columns=DAMAGE_COLUMNS)
+    runs = df[df["method"] == "base"].drop_duplicates("config_id").set_index("config_id")
+    out = []
+    for (model, data), grp in b.groupby(["model", "data"], sort=False):
+        if grp["config_id"].nunique() < 2:  # nothing to compare with
+            continue
+        cells = [c for c in DAMAGE_CELLS
+                 if ((grp["task"] == c[0]) & (grp["category"] == c[1]) & (grp["metric"] == c[2])).any()]
+        shots_of = {c: sorted({int(x) for x in grp[(grp["task"] == c[0]) & (grp["metric"] == c[2])]["shots"].dropna()})
+                    for c in cells}
+        cols = [(c, sh) for c in cells for sh in shots_of[c]]
+        ref_ids = [cid for cid in grp["config_id"].unique() if runs.loc[cid, "quant"] == "16-bit"]
+        ref = ref_ids[0] if ref_ids else None
+        head = cols[0] if cols else None
+        for cid in grp["config_id"].unique():
+            r = runs.loc[cid]
+            row = {"model": model, "data": data, "quant": r["quant"] or "?",
+                   "bits/param": "" if pd.isna(r["bits_per_param"]) else f"{r['bits_per_param']:.3f}",
+                   "weight err. mean (%)": "" if pd.isna(r["weight_error"]) else f"{100 * r['weight_error']:.2f}",
+                   "weight err. max (%)": "" if pd.isna(r["weight_error_max"]) else f"{100 * r['weight_error_max']:.2f}"}
+            for (task, cat, metric, label), sh in cols:
+                name = label if len(shots_of[(task, cat, metric, label)]) == 1 else f"{label} ({sh}-shot)"
+                c = grp[(grp["config_id"] == cid) & (grp["task"] == task) & (grp["category"] == cat)
+                        & (grp["metric"] == metric) & (grp["shots"] == sh)]
+                row[name] = fmt_ci(c.iloc[0]["mean"], c.iloc[0]["ci_lo"], c.iloc[0]["ci_hi"]) if len(c) else ""
+            pt, plab = DAMAGE_PPL
+            pc = grp[(grp["config_id"] == cid) & (grp["task"] == pt) & (grp["metric"] == "word_perplexity")]
+            docs = _ppl_docs(pc.iloc[0]["run_dirs"], pc.iloc[0]["mode"], pt, pc.iloc[0]["shots"]) if len(pc) else None
+            if docs:
+                v, lo, hi = ppl_interval(docs, key=(str(cid),))
+                row[f"{plab} [95% CI]"] = f"{v:.2f} [{lo:.2f}, {hi:.2f}]"
+                row[f"{plab} ratio vs 16-bit"] = ""
+                rc = grp[(grp["config_id"] == ref) & (grp["task"] == pt) & (grp["metric"] == "word_perplexity")] \
+                    if ref is not None and cid != ref else grp.iloc[0:0]
+                ref_docs = _ppl_docs(rc.iloc[0]["run_dirs"], rc.iloc[0]["mode"], pt, rc.iloc[0]["shots"]) \
+                    if len(rc) else None
+                ratio = ppl_ratio(docs, ref_docs, key=(str(cid), str(ref))) if ref_docs else None
+                if ratio is not None:
+                    row[f"{plab} ratio vs 16-bit"] = f"{ratio[0]:.3f} [{ratio[1]:.3f}, {ratio[2]:.3f}] (n={ratio[3]})"
+            row.update({"Δ vs 16-bit": "", "95% CI": "", "p": "", "n items": "", "verdict": ""})
+            if ref is not None and cid != ref and head is not None:
+                (task, cat, metric, label), sh = head
+                sel = (grp["task"] == task) & (grp["category"] == cat) & (grp["metric"] == metric) & (grp["shots"] == sh)
+                ra, rb = grp[sel & (grp["config_id"] == cid)], grp[sel & (grp["config_id"] == ref)]
+                if len(ra) and len(rb):
+                    ca = aligned_cell(ra.iloc[0]["run_dirs"], ra.iloc[0]["mode"], task, sh, cat, metric)
+                    cb = aligned_cell(rb.iloc[0]["run_dirs"], rb.iloc[0]["mode"], task, sh, cat, metric)
+                    if ca is not None and cb is not None and set(ca) == set(cb):
+                        keep = {k: [x for x in ca[k][0] if x in set(cb[k][0])] for k in ca if k != "_weighted"}
+                        if all(keep.values()):
+                            ma, w = strata_args(ca, keep)
+                            mb, _ = strata_args(cb, keep)
+                            res = stats.paired(ma, mb, w, key=("damage", str(cid), str(ref), task, sh, metric))
+                            row.update({
+                                "Δ vs 16-bit": f"{100 * res.diff:+.1f} ({label})",
+                                "95% CI": f"[{100 * res.lo:+.1f}, {100 * res.hi:+.1f}]", "p": f"{res.p:.3g}",
+                                "n items": n_questions(ca, keep),
+                                "verdict": (("better" if res.lo > 0 else "lossy") if res.distinguishable
+                                            and res.p < ALPHA else "inconclusive")})
+            out.append(row)
+    if not out:
+        return pd.DataFrame(columns=DAMAGE_COLUMNS)
+    t = pd.DataFrame(out)
+
+    def order(q):
+        q = str(q)
+        if q == "16-bit":
+            return (0, 0, q)
+        bits = next((int(ch) for ch in q if ch.isdigit()), 9)
+        return (1, -bits, q)
+
+    t = t.iloc[sorted(range(len(t)), key=lambda i: (str(t.iloc[i]["model"]), str(t.iloc[i]["data"]),
+                                                    order(t.iloc[i]["quant"])))].reset_index(drop=True)
+    return t
+
+
 #: the task the learning-rate rule reads (the synthetic validation split); never the test task ``synthetic``
 LR_CHOICE_TASK = "synthetic_val"
 #: runs that differ only in these keys' values are one configuration group of :func:`lr_choice_table`;
@@ -1109,6 +1272,7 @@ def tables(df: pd.DataFrame, paper_csv: str | os.PathLike | None = None) -> dict
         "lr_choice": lr_choice_table(df),
         "efficiency": _efficiency_table(df),
         "paired": paired_table(agg),
+        "damage": damage_table(df, agg),
     }
     if paper_csv is not False:
         out["paper_vs_reproduced"] = paper_vs_reproduced(df, paper_csv)

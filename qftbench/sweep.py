@@ -451,6 +451,9 @@ def expected_tables(sweep: dict, runs: dict[str, dict]) -> list[str]:
         out.append("synthetic")
     if "synthetic_val" in tasks:  # the learning-rate choice on the validation split (report.lr_choice_table)
         out.append("lr_choice")
+    bases = [cfg["method"] for cfg in runs.values() if cfg["method"]["name"] == "base"]
+    if any(m.get("bits") == 16 for m in bases) and any(m.get("bits") != 16 for m in bases):
+        out.append("damage")  # the un-tuned model quantized beside its 16-bit self (report.damage_table)
     return out + ["efficiency", "paired", "paper_vs_reproduced"]
 
 

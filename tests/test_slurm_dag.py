@@ -5,6 +5,8 @@ run (timing columns aside). Skipped where no SLURM can be started (see tests/slu
 """
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 
@@ -51,6 +53,20 @@ def test_tiny_dag_through_slurm_equals_local_run(slurm_cluster, tmp_path):
                                   b["efficiency"].drop(columns=TIMING, errors="ignore"))
     for f in ("acc_vs_params", "loss_curves"):
         assert (slurm / "figures" / "tiny" / f"{f}.png").stat().st_size > 0
+
+
+def test_paper_dry_run_under_the_released_code_preset(tmp_path):
+    """`--config preset=released-code` switches the whole grid to the released codes' settings (README, "Paper
+    or released code: presets"): the jobs' configs carry them."""
+    r = run_snakemake(["-s", REPO / "Snakefile", "--workflow-profile", SLURM_PROFILE, "-n", "-p", "--configfile",
+                       REPO / "config" / "paper.yaml", "--config", "preset=released-code"], cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:]
+    blocks = r.stdout.split("\n\n")
+    qa = next(b for b in blocks if "rule finetune:" in b and "llama-7b-qalora-r64-4b-g32-alpaca-s0" in b)
+    assert '"lr": 0.0002' in qa and '"pool": "mean"' in qa and '"dropout": 0.0' in qa and '"float16"' in qa
+    lq = next(b for b in blocks if "rule finetune:" in b and "llama-7b-loftq" in b)
+    assert '"variant": "peft"' in lq and '"iters": 1' in lq
+    assert "finetune          516" in r.stdout or re.search(r"finetune\s+516", r.stdout)
 
 
 def test_paper_dry_run_with_slurm_profile_lists_gpu_resources(tmp_path):

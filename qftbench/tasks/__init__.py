@@ -42,7 +42,9 @@ BUILTIN_OF = {
     "qft_openbookqa": "openbookqa",
     "qft_hellaswag": "hellaswag",
 }
-OFFLINE_TASKS = (*BUILTIN_OF, "qft_synthetic", "qft_synthetic_letter", "qft_synthetic_val")
+#: offline tasks with no lm-eval built-in twin: perplexity on held-out Alpaca text (qft_alpaca_ppl.yaml)
+PERPLEXITY_TASKS = ("qft_alpaca_ppl",)
+OFFLINE_TASKS = (*BUILTIN_OF, "qft_synthetic", "qft_synthetic_letter", "qft_synthetic_val", *PERPLEXITY_TASKS)
 SYNTHETIC_TASKS = ("qft_synthetic", "qft_synthetic_letter", "qft_synthetic_val")
 #: the synthetic tasks' data file, beside the eval.jsonl passed as ``synthetic_path``
 SYNTHETIC_FILES = {"qft_synthetic": "eval.jsonl", "qft_synthetic_letter": "eval.jsonl",

@@ -252,3 +252,30 @@ def process_hellaswag(dataset: datasets.Dataset) -> datasets.Dataset:
         }
 
     return dataset.map(_doc, remove_columns=dataset.column_names)
+
+
+#: the held-out Alpaca records of qft_alpaca_ppl: the last 1,000 of the 52,002
+ALPACA_PPL_DOCS = 1000
+
+
+def process_alpaca_ppl(dataset: datasets.Dataset) -> datasets.Dataset:
+    """The last :data:`ALPACA_PPL_DOCS` Alpaca records, each one ``text``: instruction, input (when not empty)
+    and output joined by newlines."""
+    n = len(dataset)
+    tail = dataset.select(range(max(0, n - ALPACA_PPL_DOCS), n))
+
+    def _doc(row):
+        parts = [row["instruction"], row.get("input") or "", row["output"]]
+        return {"text": "\n".join(p for p in parts if p)}
+
+    return tail.map(_doc)
+
+
+def rolling_ppl_results(doc, results):
+    """lm-eval's wikitext scoring (lm_eval/tasks/wikitext/preprocess_wikitext.py process_results) on ``text``:
+    the document's log-likelihood with its word and byte counts."""
+    (loglikelihood,) = results
+    words = len(re.split(r"\s+", doc["text"]))
+    nbytes = len(doc["text"].encode("utf-8"))
+    return {"word_perplexity": (loglikelihood, words), "byte_perplexity": (loglikelihood, nbytes),
+            "bits_per_byte": (loglikelihood, nbytes)}
