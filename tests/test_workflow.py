@@ -53,6 +53,9 @@ EXPECTED = {
     # 25 runs: base once + 3 seeds x (lora, qlora, qalora + 5 peft methods); bases: 16-bit (base, lora, PiSSA),
     # NF4 (qlora, DoRA, rsLoRA, VeRA, IA3: qlora's base, one job), INT4 g32 (qalora)
     "peft": {"quantize_base": 3, "finetune": 25, "evaluate": 25, "report": 1, "all": 1, "total": 55},
+    # 16 un-tuned bases, one run and one evaluation (commonsense + perplexity) each: 16-bit, NF4/NF3/NF2, and
+    # INT4/3/2 x g32/g64 x RTN/GPTQ
+    "damage": {"quantize_base": 16, "finetune": 16, "evaluate": 16, "report": 1, "all": 1, "total": 50},
     # 2 runs (the un-tuned INT4 g32 base and qalora share one base) x 3 evaluation groups
     "tiny-real": {"quantize_base": 1, "finetune": 2, "evaluate": 6, "report": 1, "all": 1, "total": 11},
     # 172 configurations x 3 seeds = 516 runs (test_paper_grid_size); 3 evaluation groups each, qlora in four
