@@ -117,7 +117,8 @@ def cmd_report(args) -> int:
     from .collate import report_step
 
     out = report_step(args.results, [r for r in args.runs.split(",") if r], args.tables, args.figures,
-                      args.name, [t for t in (args.expect or "").split(",") if t])
+                      args.name, [t for t in (args.expect or "").split(",") if t],
+                      claims=json.loads(args.claims) if args.claims else None)
     print(json.dumps(out, indent=1))
     return 0
 
@@ -186,6 +187,7 @@ def main(argv=None) -> int:
     s.add_argument("--figures", required=True)
     s.add_argument("--name", default="sweep")
     s.add_argument("--expect", default="", help="comma-separated table names that must be written")
+    s.add_argument("--claims", default="", help="the sweep's claims as a JSON list (qftbench/claims.py)")
     s.set_defaults(func=cmd_report)
     s = sub.add_parser("plan", help="dry-run summary of a sweep: runs, FLOPs and GPU-hours, before any job")
     s.add_argument("--sweep", required=True, help="a sweep config (config/*.yaml)")

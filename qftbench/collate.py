@@ -41,6 +41,12 @@ TABLE_NOTES = {
                "verdict (A > B or A < B only when the interval excludes 0 and p < 0.05, else inconclusive)."),
     "paper_vs_reproduced": "Reproduced numbers beside the published ones.",
     "lr_choice": "Validation accuracy per learning rate and the rate the protocol chose.",
+    "damage": ("The un-tuned model under each quantizer beside its 16-bit self: relative weight error, accuracy, "
+               "the paired difference to 16 bits (lossy / better only when the interval excludes 0 and p < 0.05) "
+               "and the perplexity on held-out text with its paired ratio to 16 bits."),
+    "claims": ("The papers' claims at this scale: A - B on the same items with its paired 95% interval, and the "
+               "verdict by the written rule of its kind (qftbench/claims.py): supported, contradicted or "
+               "inconclusive."),
 }
 CELLS_NOTE = ("Accuracy cells: mean over seeds [95% interval over items and seeds]; the header gives n items, "
               "`seeds` the number of seeds.")
@@ -88,11 +94,16 @@ def html_page(tabs: dict, runs: pd.DataFrame, name: str) -> str:
 
 
 def report_step(results: str | os.PathLike, run_ids: list[str], tables_dir: str | os.PathLike,
-                figures_dir: str | os.PathLike, name: str = "sweep", expect: list[str] | None = None) -> dict:
+                figures_dir: str | os.PathLike, name: str = "sweep", expect: list[str] | None = None,
+                claims: list | None = None) -> dict:
     df = report.collect(results)
     if len(df):
         df = df[df["run_id"].isin(set(run_ids))]
     tabs = report.tables(df) if len(df) else {}
+    if claims:  # the sweep's claims (qftbench.claims), first in the report
+        from .claims import claims_table
+
+        tabs = {"claims": claims_table(df, report.aggregate(df) if len(df) else df, claims), **tabs}
     for t in expect or []:
         if t not in tabs:
             tabs[t] = pd.DataFrame({"note": [f"no {t} results in sweep {name!r}"]})

@@ -95,6 +95,7 @@ SCHEMA = {
             "match": _RULES},
             "additionalProperties": False},
         "presets": {"type": "object", "additionalProperties": _RULES},
+        "claims": {"type": "array"},  # checked by qftbench.claims.validate
         "preset": {"type": "string"},
         "resources": {"type": "object", "properties": {
             "default": _res, "models": {"type": "object", "additionalProperties": _res},
@@ -256,6 +257,10 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
                 raise ConfigError(f"{where}: methods[{i}] ({entry['name']}).seeds: {bad!r} is not a non-empty list of "
                                   f"this sweep's seeds ({seeds}). Fix: list some of {seeds}, e.g. "
                                   f"seeds: [{seeds[0]}], or drop the key to run at every seed.")
+    if "claims" in sweep:
+        from .claims import validate as validate_claims
+
+        validate_claims(sweep["claims"], where=f"{where}: claims")
     presets = sweep.get("presets", {})
     rule_lists = [("overrides.match", ov.get("match", []))] + [(f"presets.{k}", v) for k, v in presets.items()]
     for key, rules in rule_lists:
@@ -454,6 +459,8 @@ def expected_tables(sweep: dict, runs: dict[str, dict]) -> list[str]:
     bases = [cfg["method"] for cfg in runs.values() if cfg["method"]["name"] == "base"]
     if any(m.get("bits") == 16 for m in bases) and any(m.get("bits") != 16 for m in bases):
         out.append("damage")  # the un-tuned model quantized beside its 16-bit self (report.damage_table)
+    if sweep.get("claims"):
+        out.append("claims")  # one row per claim of the sweep (qftbench.claims)
     return out + ["efficiency", "paired", "paper_vs_reproduced"]
 
 

@@ -21,6 +21,7 @@ rule report:
         tables=lambda w, output: str(Path(output.tables[0]).parent),
         figures=lambda w, output: str(Path(output.figures[0]).parent),
         expect=TABLES_ARG,
+        claims=json.dumps(SWEEP.get("claims") or []),
     threads: 1
     resources:
         mem_mb=4000,
@@ -33,4 +34,5 @@ rule report:
         f"{RESULTS}/benchmarks/report/{SWEEP.get('name', 'sweep')}.tsv"
     shell:
         "{params.py} -m qftbench.cli report --results {params.results:q} --runs {params.runs:q} --tables {params.tables:q} "
-        "--figures {params.figures:q} --name {params.name:q} --expect {params.expect:q} > {log:q} 2>&1"
+        "--figures {params.figures:q} --name {params.name:q} --expect {params.expect:q} --claims {params.claims:q} "
+        "> {log:q} 2>&1"
