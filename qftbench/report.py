@@ -1087,7 +1087,8 @@ def damage_table(df: pd.DataFrame, agg: pd.DataFrame | None = None) -> pd.DataFr
     (mean and max, percent; recorded when the base was quantized), the accuracy of every evaluated cell of
     :data:`DAMAGE_CELLS` with its 95% interval, and the paired difference to the 16-bit model on the headline
     cell (the first of :data:`DAMAGE_CELLS` present): ``Δ vs 16-bit`` with its interval, p, n items and a
-    verdict (``lossy``, ``better``, or ``inconclusive`` when the interval covers 0 or p >= :data:`ALPHA`).
+    verdict (``lossy``, ``better``, ``identical`` when every item scores the same, or ``inconclusive`` when the
+    interval covers 0 or p >= :data:`ALPHA`).
     Where the runs scored held-out text (``qft_alpaca_ppl``): its word perplexity with a 95% bootstrap interval
     over documents, and the paired ratio to the 16-bit model's perplexity on the same documents (a more
     sensitive measure of damage than accuracy on a few hundred questions). Empty without a 16-bit ``base`` run
@@ -1129,7 +1130,7 @@ def damage_table(df: pd.DataFrame, agg: pd.DataFrame | None = None) -> pd.DataFr
             docs = _ppl_docs(pc.iloc[0]["run_dirs"], pc.iloc[0]["mode"], pt, pc.iloc[0]["shots"]) if len(pc) else None
             if docs:
                 v, lo, hi = ppl_interval(docs, key=(str(cid),))
-                row[f"{plab} [95% CI]"] = f"{v:.2f} [{lo:.2f}, {hi:.2f}]"
+                row[f"{plab} [95% CI]"] = f"{v:.4g} [{lo:.4g}, {hi:.4g}]"
                 row[f"{plab} ratio vs 16-bit"] = ""
                 rc = grp[(grp["config_id"] == ref) & (grp["task"] == pt) & (grp["metric"] == "word_perplexity")] \
                     if ref is not None and cid != ref else grp.iloc[0:0]
@@ -1137,7 +1138,7 @@ def damage_table(df: pd.DataFrame, agg: pd.DataFrame | None = None) -> pd.DataFr
                     if len(rc) else None
                 ratio = ppl_ratio(docs, ref_docs, key=(str(cid), str(ref))) if ref_docs else None
                 if ratio is not None:
-                    row[f"{plab} ratio vs 16-bit"] = f"{ratio[0]:.3f} [{ratio[1]:.3f}, {ratio[2]:.3f}] (n={ratio[3]})"
+                    row[f"{plab} ratio vs 16-bit"] = f"{ratio[0]:.4g} [{ratio[1]:.4g}, {ratio[2]:.4g}] (n={ratio[3]})"
             row.update({"Δ vs 16-bit": "", "95% CI": "", "p": "", "n items": "", "verdict": ""})
             if ref is not None and cid != ref and head is not None:
                 (task, cat, metric, label), sh = head
@@ -1156,7 +1157,8 @@ def damage_table(df: pd.DataFrame, agg: pd.DataFrame | None = None) -> pd.DataFr
                                 "Δ vs 16-bit": f"{100 * res.diff:+.1f} ({label})",
                                 "95% CI": f"[{100 * res.lo:+.1f}, {100 * res.hi:+.1f}]", "p": f"{res.p:.3g}",
                                 "n items": n_questions(ca, keep),
-                                "verdict": (("better" if res.lo > 0 else "lossy") if res.distinguishable
+                                "verdict": ("identical" if res.lo == res.hi == 0 else
+                                            ("better" if res.lo > 0 else "lossy") if res.distinguishable
                                             and res.p < ALPHA else "inconclusive")})
             out.append(row)
     if not out:

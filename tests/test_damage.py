@@ -72,7 +72,7 @@ def test_damage_table_from_tiny_runs(tmp_path):
     assert e2 > e4 > 0 and t.iloc[0]["Δ vs 16-bit"] == ""
     for q in ("int4-g32 rtn", "int2-g32 rtn"):
         row = t[t["quant"] == q].iloc[0]
-        assert row["Δ vs 16-bit"].endswith("(synthetic)") and row["verdict"] in ("lossy", "better", "inconclusive")
+        assert row["Δ vs 16-bit"].endswith("(synthetic)") and row["verdict"] in ("lossy", "better", "identical", "inconclusive")
         assert row["n items"] == 6 and row["synthetic"].count("[") == 1
     assert "damage" in R.tables(df) and "damage" not in R.tables(df[df["quant"] != "int2-g32 rtn"].pipe(
         lambda d: d[d["quant"] == "16-bit"]))
@@ -100,5 +100,6 @@ def test_perplexity_task_and_its_damage_columns(tmp_path):
     assert list(t["quant"]) == ["16-bit", "int2-g32 rtn"]
     cell = t.iloc[1]["Alpaca ppl [95% CI]"]
     v, lo, hi = (float(x) for x in cell.replace("[", "").replace("]", "").replace(",", "").split())
+    assert R.ppl_interval({("r", i): (-2.0, 1) for i in range(5)})[0] == pytest.approx(math.exp(2.0))
     assert lo <= v <= hi
     assert t.iloc[1]["Alpaca ppl ratio vs 16-bit"].endswith("(n=6)") and t.iloc[0]["Alpaca ppl ratio vs 16-bit"] == ""
