@@ -23,9 +23,9 @@ Kinds and their rules (A - B on the same items, paired over items and seeds, :fu
   outside it (``lo > margin`` or ``hi < -margin``); else inconclusive.
 * ``exact``: A's per-item results equal B's on every item (e.g. a merged INT model against the unmerged one):
   supported, else contradicted (with the number of items that differ).
-* ``lower``: a recorded number of A is below B's (``cell: {metric: weight_error}``: the base's relative weight
-  error, or ``loftq_error``: LoftQ's initial error against plain quantization's): a deterministic measurement,
-  supported or contradicted.
+* ``lower``: a recorded number of A is below B's (``cell: {metric: weight_error}`` or ``weight_error_max``:
+  the base's relative weight error, mean or max over the layers): a deterministic measurement, supported or
+  contradicted.
 
 A claim whose runs are missing from the sweep's results is reported as ``not run``. The verdict is the
 measurement at this scale; the ``why`` column says which rule decided it.
@@ -39,6 +39,8 @@ import pandas as pd
 
 from methods.errors import ConfigError, did_you_mean
 
+from .report import ALPHA  # the paired table's significance level: one alpha for every verdict
+
 KINDS = ("beats", "not-worse", "matches", "exact", "lower")
 CLAIM_KEYS = ("id", "paper", "claim", "kind", "a", "b", "cell", "margin")
 SELECT_KEYS = ("method", "mode", "bits", "group", "quant", "rank")
@@ -46,7 +48,6 @@ CELL_KEYS = ("task", "shots", "category", "metric")
 #: recorded numbers a ``lower`` claim compares (columns of the report's frame)
 LOWER_METRICS = ("weight_error", "weight_error_max")
 DEFAULT_MARGIN = 2.0
-ALPHA = 0.05
 COLUMNS = ["id", "paper", "claim", "comparison", "A", "B", "A - B", "95% CI", "p", "n items", "margin", "verdict",
            "why"]
 
@@ -153,7 +154,6 @@ def claims_table(df: pd.DataFrame, agg: pd.DataFrame, claims: Sequence[Mapping])
     """One row per claim (see the module docstring): the comparison run, the measured difference with its 95%
     interval, p and n items, and the verdict with the rule that decided it."""
     from . import report as R
-    from . import stats
 
     rows = []
     quant_of = dict(zip(df["config_id"], df["quant"])) if len(df) and "quant" in df else {}
@@ -190,13 +190,13 @@ def claims_table(df: pd.DataFrame, agg: pd.DataFrame, claims: Sequence[Mapping])
             rows.append(base)
             continue
         ra, rb = ra[0], rb[0]
-        ca = R.aligned_cell(ra.run_dirs, ra.mode, ra.task, ra.shots, ra.category, ra.metric)
-        cb = R.aligned_cell(rb.run_dirs, rb.mode, rb.task, rb.shots, rb.category, rb.metric)
-        if ca is None or cb is None or set(ca) != set(cb):
+        common = R.common_items(ra.run_dirs, ra.mode, rb.run_dirs, rb.mode, ra.task, ra.shots, ra.category,
+                                ra.metric)
+        if common is None:
             base["why"] = "no per-item records on the same items"
             rows.append(base)
             continue
-        keep = {k: [x for x in ca[k][0] if x in set(cb[k][0])] for k in ca if k != "_weighted"}
+        ca, cb, keep = common
         if kind == "exact":
             n_diff, n = _differing(ca, cb, keep)
             base.update({"A - B": f"{ra.mean - rb.mean:+.2f}", "n items": n,
@@ -204,9 +204,7 @@ def claims_table(df: pd.DataFrame, agg: pd.DataFrame, claims: Sequence[Mapping])
                          "why": "identical on every item" if n_diff == 0 else f"{n_diff} of {n} items differ"})
             rows.append(base)
             continue
-        ma, w = R.strata_args(ca, keep)
-        mb, _ = R.strata_args(cb, keep)
-        res = stats.paired(ma, mb, w, key=("claim", str(c["id"]), str(ra.config_id), str(rb.config_id)))
+        res = R.paired_on(common, key=("claim", str(c["id"]), str(ra.config_id), str(rb.config_id)))
         lo, hi = 100 * res.lo, 100 * res.hi
         v, why = verdict(kind, lo, hi, res.p, margin)
         base.update({"A - B": f"{100 * res.diff:+.1f}", "95% CI": f"[{lo:+.1f}, {hi:+.1f}]", "p": f"{res.p:.3g}",

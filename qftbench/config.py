@@ -394,8 +394,17 @@ HASH_NEUTRAL = {("data", "empty_outputs"): "keep", ("method", "gptq_groups"): "u
 #: settings that a job's params leave out at these values (see :func:`job_view`): every setting added since
 #: job params stopped growing with the suite. (The HASH_NEUTRAL settings added before -- data.empty_outputs,
 #: method.gptq_groups, method.variant -- are in the params of jobs that ran since and stay there.)
-JOB_NEUTRAL = {("data", "prompt"): "alpaca", ("train", "adapter_dtype"): "float32", ("train", "norm_dtype"): "model",
+JOB_NEUTRAL = {**{k: HASH_NEUTRAL[k] for k in (("data", "prompt"), ("train", "adapter_dtype"),
+                                                ("train", "norm_dtype"))},
                ("eval", "mmlu"): MMLU_PROTOCOL}
+
+
+def _drop_neutral(view: dict, neutral_values: dict) -> dict:
+    """``view`` (modified in place) without the settings of ``neutral_values`` that are at their neutral value."""
+    for (section, key), neutral in neutral_values.items():
+        if isinstance(view.get(section), dict) and view[section].get(key, neutral) == neutral:
+            view[section].pop(key, None)
+    return view
 
 
 def job_view(cfg: dict) -> dict:
@@ -404,11 +413,7 @@ def job_view(cfg: dict) -> dict:
     to the suite at the value that runs already had therefore leaves every existing job's params as they were,
     so Snakemake does not rerun (and delete) what a results folder already holds; the job resolves the same
     config from it (:func:`resolve` fills the defaults back in)."""
-    view = {k: copy.deepcopy(v) for k, v in cfg.items() if k != "sweep"}
-    for (section, key), neutral in JOB_NEUTRAL.items():
-        if isinstance(view.get(section), dict) and view[section].get(key, neutral) == neutral:
-            view[section].pop(key, None)
-    return view
+    return _drop_neutral({k: copy.deepcopy(v) for k, v in cfg.items() if k != "sweep"}, JOB_NEUTRAL)
 
 
 def training_view(cfg: dict) -> dict:
@@ -420,11 +425,7 @@ def training_view(cfg: dict) -> dict:
 def hash_view(cfg: dict) -> dict:
     """The training-relevant sections (:data:`TRAINING_KEYS`) with the :data:`HASH_NEUTRAL` settings at their
     neutral values left out: what a run id (and the report's configuration ids) hash."""
-    view = {k: copy.deepcopy(cfg[k]) for k in TRAINING_KEYS if k in cfg}
-    for (section, key), neutral in HASH_NEUTRAL.items():
-        if isinstance(view.get(section), dict) and view[section].get(key, neutral) == neutral:
-            view[section].pop(key, None)
-    return view
+    return _drop_neutral({k: copy.deepcopy(cfg[k]) for k in TRAINING_KEYS if k in cfg}, HASH_NEUTRAL)
 
 
 def run_id(cfg: dict) -> str:

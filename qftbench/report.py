@@ -553,6 +553,32 @@ def aligned_cell(run_dirs, mode: str, task: str, shots, category: str, metric: s
     return seed_matrices([cell_strata(run_items(rd, mode), task, shots, category, metric) for rd in run_dirs])
 
 
+def common_items(run_dirs_a, mode_a: str, run_dirs_b, mode_b: str, task: str, shots, category: str,
+                 metric: str) -> tuple[dict, dict, dict] | None:
+    """``(cell A, cell B, keep)``: two cells' per-item records (:func:`aligned_cell`) and, per stratum, the keys
+    of the items both evaluated (in A's order); None when either lacks records, their strata differ, or a
+    stratum has no item in common. What every paired comparison (:func:`paired_on`) is computed on."""
+    ca = aligned_cell(run_dirs_a, mode_a, task, shots, category, metric)
+    cb = aligned_cell(run_dirs_b, mode_b, task, shots, category, metric)
+    if ca is None or cb is None or set(ca) != set(cb):
+        return None
+    keep = {}
+    for name in (k for k in ca if k != "_weighted"):
+        in_b = set(cb[name][0])
+        keep[name] = [k for k in ca[name][0] if k in in_b]
+    return (ca, cb, keep) if all(keep.values()) else None
+
+
+def paired_on(common: tuple[dict, dict, dict], key=()):
+    """:func:`qftbench.stats.paired` (A - B) on the common items of :func:`common_items`."""
+    from . import stats
+
+    ca, cb, keep = common
+    mats_a, w = strata_args(ca, keep)
+    mats_b, _ = strata_args(cb, keep)
+    return stats.paired(mats_a, mats_b, w, key=key)
+
+
 @functools.lru_cache(maxsize=65536)
 def _cell_interval(run_dirs: tuple, stamp: tuple, mode, task, shots, category, metric, config_id):
     from . import stats
@@ -948,8 +974,6 @@ def paired_table(agg: pd.DataFrame) -> pd.DataFrame:
     of the difference excludes 0 *and* the paired test gives p < :data:`ALPHA`, else ``inconclusive``. (On few
     items the percentile interval and the exact sign-flip test can disagree at the margin; a difference is only
     called when both agree.)"""
-    from . import stats
-
     cols = ["model", "data", "task", "shots", "metric", "A", "B", "A acc", "B acc", "A - B", "95% CI", "p",
             "n items", "seeds A/B", "verdict", "claim"]
     if agg.empty or "run_dirs" not in agg:
@@ -991,20 +1015,13 @@ def paired_table(agg: pd.DataFrame) -> pd.DataFrame:
                 for rb in rows_b:
                     if same_rank and ra.rank != rb.rank:
                         continue
-                    ca = aligned_cell(ra.run_dirs, ra.mode, task, shots, ra.category, metric)
-                    cb = aligned_cell(rb.run_dirs, rb.mode, task, shots, rb.category, metric)
-                    if ca is None or cb is None or set(ca) != set(cb):
+                    common = common_items(ra.run_dirs, ra.mode, rb.run_dirs, rb.mode, task, shots, ra.category,
+                                          metric)
+                    if common is None:
                         continue
-                    keep = {}  # the items both evaluated, by their keys
-                    for name in (k for k in ca if k != "_weighted"):
-                        in_b = set(cb[name][0])
-                        keep[name] = [k for k in ca[name][0] if k in in_b]
-                    if not all(keep.values()):
-                        continue
-                    mats_a, w = strata_args(ca, keep)
-                    mats_b, _ = strata_args(cb, keep)
-                    res = stats.paired(mats_a, mats_b, w, key=(str(ra.config_id), str(ra.mode), str(rb.config_id),
-                                                               str(rb.mode), str(task), int(shots), str(metric)))
+                    ca, cb, keep = common
+                    res = paired_on(common, key=(str(ra.config_id), str(ra.mode), str(rb.config_id),
+                                                 str(rb.mode), str(task), int(shots), str(metric)))
                     verdict = (("A > B" if res.lo > 0 else "A < B") if res.distinguishable and res.p < ALPHA
                                else "inconclusive")
                     out.append({"model": model, "data": data, "task": task, "shots": shots, "metric": metric,
@@ -1093,8 +1110,6 @@ def damage_table(df: pd.DataFrame, agg: pd.DataFrame | None = None) -> pd.DataFr
     over documents, and the paired ratio to the 16-bit model's perplexity on the same documents (a more
     sensitive measure of damage than accuracy on a few hundred questions). Empty without a 16-bit ``base`` run
     beside a quantized one."""
-    from . import stats
-
     if df.empty:
         return pd.DataFrame(columns=DAMAGE_COLUMNS)
     agg = aggregate(df) if agg is None else agg
@@ -1144,22 +1159,17 @@ def damage_table(df: pd.DataFrame, agg: pd.DataFrame | None = None) -> pd.DataFr
                 (task, cat, metric, label), sh = head
                 sel = (grp["task"] == task) & (grp["category"] == cat) & (grp["metric"] == metric) & (grp["shots"] == sh)
                 ra, rb = grp[sel & (grp["config_id"] == cid)], grp[sel & (grp["config_id"] == ref)]
-                if len(ra) and len(rb):
-                    ca = aligned_cell(ra.iloc[0]["run_dirs"], ra.iloc[0]["mode"], task, sh, cat, metric)
-                    cb = aligned_cell(rb.iloc[0]["run_dirs"], rb.iloc[0]["mode"], task, sh, cat, metric)
-                    if ca is not None and cb is not None and set(ca) == set(cb):
-                        keep = {k: [x for x in ca[k][0] if x in set(cb[k][0])] for k in ca if k != "_weighted"}
-                        if all(keep.values()):
-                            ma, w = strata_args(ca, keep)
-                            mb, _ = strata_args(cb, keep)
-                            res = stats.paired(ma, mb, w, key=("damage", str(cid), str(ref), task, sh, metric))
-                            row.update({
-                                "Δ vs 16-bit": f"{100 * res.diff:+.1f} ({label})",
-                                "95% CI": f"[{100 * res.lo:+.1f}, {100 * res.hi:+.1f}]", "p": f"{res.p:.3g}",
-                                "n items": n_questions(ca, keep),
-                                "verdict": ("identical" if res.lo == res.hi == 0 else
-                                            ("better" if res.lo > 0 else "lossy") if res.distinguishable
-                                            and res.p < ALPHA else "inconclusive")})
+                common = common_items(ra.iloc[0]["run_dirs"], ra.iloc[0]["mode"], rb.iloc[0]["run_dirs"],
+                                      rb.iloc[0]["mode"], task, sh, cat, metric) if len(ra) and len(rb) else None
+                if common is not None:
+                    res = paired_on(common, key=("damage", str(cid), str(ref), task, sh, metric))
+                    row.update({
+                        "Δ vs 16-bit": f"{100 * res.diff:+.1f} ({label})",
+                        "95% CI": f"[{100 * res.lo:+.1f}, {100 * res.hi:+.1f}]", "p": f"{res.p:.3g}",
+                        "n items": n_questions(common[0], common[2]),
+                        "verdict": ("identical" if res.lo == res.hi == 0 else
+                                    ("better" if res.lo > 0 else "lossy") if res.distinguishable
+                                    and res.p < ALPHA else "inconclusive")})
             out.append(row)
     if not out:
         return pd.DataFrame(columns=DAMAGE_COLUMNS)

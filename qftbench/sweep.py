@@ -24,7 +24,7 @@ A sweep config (``config/default.yaml``, ``config/paper.yaml``, ...) has these k
 Presets hold the settings on which a paper and its released code disagree (config/paper.yaml,
 docs/SETTINGS.md): a run takes its rules last, after ``overrides`` (so a preset's value is the one that runs),
 from the entry's own ``preset:`` or else the sweep's. ``snakemake --configfile config/paper.yaml --config
-preset=released-code`` (or ``qftbench plan --set preset=released-code``) switches the whole grid. The preset of
+preset=released-code`` (or ``qftbench plan --preset released-code``) switches the whole grid. The preset of
 each run is recorded in its ``sweep`` section; runs whose settings come out equal under two presets are the same
 run (one id).
 
@@ -350,13 +350,15 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
                         if preset is not None:
                             cfg["sweep"]["preset"] = preset
                         rid = C.run_id(cfg)
-                        def _where(c):
-                            return {k: v for k, v in c["sweep"].items() if k != "preset"}
-
-                        if rid in runs and _where(runs[rid]) != _where(cfg):
+                        if rid in runs and _placement(runs[rid]) != _placement(cfg):
                             raise ConfigError(f"{label}: the same run appears twice in the sweep ({rid}).")
                         runs.setdefault(rid, cfg)  # equal under two presets: one run (the first preset named)
     return runs
+
+
+def _placement(cfg: dict) -> dict:
+    """Where a run sits in its sweep (model and data labels), its preset aside: two presets may name one run."""
+    return {k: v for k, v in cfg["sweep"].items() if k != "preset"}
 
 
 _SHAPES: dict[str, list | None] = {}
