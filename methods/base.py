@@ -270,11 +270,21 @@ class Method:
         model.requires_grad_(False)
         bases = self.quantize_base(model, layers, calibration)
         errors = {name: weight_error(mod, bases[name]) for name, mod in layers}
+        init = self.init_errors(errors)
         for name, _ in layers:
             _set_module(model, name, bases[name])
         model.qft_base = {"method": self.name, "key": self.base_key(), "layers": [n for n, _ in layers],
                           "weight_error": errors}
+        if init is not errors:
+            model.qft_base["init_error"] = init
         return model
+
+    def init_errors(self, weight_errors: dict[str, float]) -> dict[str, float]:
+        """Relative error of the layer the fine-tuning starts from, ``||W - (W_base + ΔW_0)|| / ||W||`` per target
+        layer. Every adapter that starts at ``ΔW_0 = 0`` (B = 0) starts from its base: the weight error itself
+        (returned as the same object). LoftQ overrides it with the error of its quantized base plus its SVD
+        initialisation."""
+        return weight_errors
 
     def check_injectable(self, model: nn.Module) -> dict:
         """The model's ``qft_base`` record, after checking that it holds this method's base and no adapters yet."""

@@ -67,6 +67,8 @@ def save_quantized_base(model: nn.Module, directory: str | os.PathLike, method=N
                 "model_config": config.to_dict() if hasattr(config, "to_dict") else None}
     if info.get("weight_error") is not None:  # ||W - W_base|| / ||W|| per target layer (methods.base.weight_error)
         manifest["weight_error"] = info["weight_error"]
+    if info.get("init_error") is not None:  # ||W - (W_base + ΔW_0)|| / ||W||: LoftQ's initialisation (Method.init_errors)
+        manifest["init_error"] = info["init_error"]
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
     shutil.rmtree(final, ignore_errors=True)
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -129,6 +129,7 @@ class LoftQ(Method):
     def quantize_base(self, model, layers, calibration):
         self._init = {}
         self.loftq_report = {}
+        self._init_error = {}
         scheme = self.scheme()
         bases = {}
         for name, mod in layers:
@@ -142,7 +143,15 @@ class LoftQ(Method):
             bases[name] = scheme.make_linear(tmp, compute_dtype=mod.weight.dtype)
             self._init[name] = (a, b)
             self.loftq_report[name] = errors
+            # the error the fine-tuning starts from: the returned iterate's (the best, or peft's last)
+            start = errors[-1] if self.hp["variant"] == "peft" else min(errors[1:])
+            self._init_error[name] = start / max(float(mod.weight.detach().float().norm()), 1e-30)
         return bases
+
+    def init_errors(self, weight_errors):
+        """``||W - (Q + s·B·A)|| / ||W||`` of the initialisation LoftQ hands to fine-tuning, per layer (the
+        paper's claim: below plain quantization's ``||W - quant(W)|| / ||W||``, QLoRA's starting error)."""
+        return dict(getattr(self, "_init_error", None) or weight_errors)
 
     def wrap_layer(self, name, base, adapter_dtype):
         adapter = PooledAdapter(base.in_features, base.out_features, p=1, q=1, rank=self.hp["rank"],

@@ -1,6 +1,7 @@
 """``qlora`` (Dettmers et al. 2023): NF4 base with double quantization through bitsandbytes + LoRA.
 
-Deployed as "4+16" (NF4 base + 16-bit adapter); :meth:`merge` gives the fp16 model that the
+``bits: 3 | 2`` puts the same adapter on the own NF3 / NF2 codebook base (block 64, no double quantization): the
+"QLoRA" rows of LoftQ's 2- and 3-bit tables, the baseline of its claim. Deployed as "4+16" (NF4 base + 16-bit adapter); :meth:`merge` gives the fp16 model that the
 "QLoRA w/ GPTQ" rows re-quantize.
 """
 from .base import ALPHA, DROPOUT, INIT_LOWRANK, RANK, SEED, TARGETS, Geometry, Hyper, Method
@@ -13,13 +14,16 @@ class QLoRA(Method):
     deploy = "4+16"
     hyperparameters = {
         "rank": RANK, "alpha": ALPHA, "dropout": DROPOUT,
-        "bits": Hyper(4, int, "bits of the NF4 base (bitsandbytes supports 4 only; loftq offers NF2/NF3)",
-                      choices=(4,)),
+        "bits": Hyper(4, int, "bits of the NF base: 4 is bitsandbytes' NF4 + DQ (the paper); 3 and 2 the own "
+                      "NF3/NF2 codebook quantizer, block 64 (LoftQ's 'QLoRA' rows at 3 and 2 bits)",
+                      choices=(4, 3, 2)),
         "init": INIT_LOWRANK,
         "targets": TARGETS, "seed": SEED,
     }
 
     def scheme(self):
+        if self.hp["bits"] != 4:  # LoftQ's baseline: QLoRA's initialisation (B = 0) on an NF3/NF2 base
+            return QuantScheme(kind="nf", bits=self.hp["bits"], blocksize=64)
         return QuantScheme(kind="bnb-nf4", bits=4, blocksize=64)
 
     def geometry(self):

@@ -15,8 +15,9 @@ class Base(Method):
     deploy = "base"
     hyperparameters = {
         "bits": Hyper(16, int, "16 (no quantization) or the bits of the quantized base", choices=(16, 8, 4, 3, 2)),
-        "quant_type": Hyper("int", str, "quantizer of a quantized base: 'int' (INTk) or 'nf' (NF4 bitsandbytes, "
-                            "NF2/NF3 own)", choices=("int", "nf")),
+        "quant_type": Hyper("int", str, "quantizer of a quantized base: 'int' (INTk), 'nf' (NF4 bitsandbytes, "
+                            "NF2/NF3 own) or 'fp' (FP4, bitsandbytes' E2M1 codebook, own, no DQ)",
+                            choices=("int", "nf", "fp")),
         "group_size": Hyper(128, int, "group along the input (int) or absmax block (nf)", minimum=1),
         "quantizer": QUANTIZER, "gptq_groups": GPTQ_GROUPS, "targets": TARGETS,
     }
@@ -24,6 +25,8 @@ class Base(Method):
     def validate(self):
         if self.hp["quant_type"] == "nf" and self.hp["bits"] == 8:
             raise ConfigError("base: bits=8 is not available with quant_type='nf'; use quant_type='int'.")
+        if self.hp["quant_type"] == "fp" and self.hp["bits"] != 4:
+            raise ConfigError(f"base: quant_type='fp' is FP4; set bits=4 (got bits={self.hp['bits']}).")
         super().validate()
 
     def scheme(self):
@@ -34,6 +37,8 @@ class Base(Method):
             return None
         if self.hp["quant_type"] == "int":
             return QuantScheme(kind="int", bits=bits, group_size=g)
+        if self.hp["quant_type"] == "fp":
+            return QuantScheme(kind="fp", bits=4, blocksize=g)
         return QuantScheme(kind="bnb-nf4", bits=4) if bits == 4 else QuantScheme(kind="nf", bits=bits, blocksize=g)
 
     def geometry(self):

@@ -24,8 +24,9 @@ Kinds and their rules (A - B on the same items, paired over items and seeds, :fu
 * ``exact``: A's per-item results equal B's on every item (e.g. a merged INT model against the unmerged one):
   supported, else contradicted (with the number of items that differ).
 * ``lower``: a recorded number of A is below B's (``cell: {metric: weight_error}`` or ``weight_error_max``:
-  the base's relative weight error, mean or max over the layers): a deterministic measurement, supported or
-  contradicted.
+  the base's relative weight error, mean or max over the layers; ``init_error``: the mean relative error of
+  the layer fine-tuning starts from, LoftQ's quantized base plus its SVD initialisation, for every other method
+  its base): a deterministic measurement, supported or contradicted.
 
 A claim whose runs are missing from the sweep's results is reported as ``not run``. The verdict is the
 measurement at this scale; the ``why`` column says which rule decided it.
@@ -46,7 +47,7 @@ CLAIM_KEYS = ("id", "paper", "claim", "kind", "a", "b", "cell", "margin")
 SELECT_KEYS = ("method", "mode", "bits", "group", "quant", "rank")
 CELL_KEYS = ("task", "shots", "category", "metric")
 #: recorded numbers a ``lower`` claim compares (columns of the report's frame)
-LOWER_METRICS = ("weight_error", "weight_error_max")
+LOWER_METRICS = ("weight_error", "weight_error_max", "init_error")
 DEFAULT_MARGIN = 2.0
 COLUMNS = ["id", "paper", "claim", "comparison", "A", "B", "A - B", "95% CI", "p", "n items", "margin", "verdict",
            "why"]

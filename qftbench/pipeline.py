@@ -312,16 +312,24 @@ def base_quality(cfg, method) -> dict:
     """What the run's frozen base is and how far it is from the 16-bit weights: ``base_quant`` (the quantizer's
     label, e.g. ``int4-g32 rtn``, ``bnb-nf4-dq-b64``, ``16-bit``) and ``base_weight_error`` (``mean``, ``max``,
     ``n_layers`` of ``||W - W_base||_F / ||W||_F`` over the target layers, from the base's manifest; None for a
-    base built before the suite recorded it)."""
+    base built before the suite recorded it); for LoftQ also ``init_error``, the same summary of
+    ``||W - (W_base + s·B·A)||_F / ||W||_F`` at the start of fine-tuning."""
     scheme = method.scheme()
     quant = "16-bit" if scheme is None else scheme.label()
     if scheme is not None and scheme.kind == "int":
         quant += f" {method.hp.get('quantizer', 'rtn')}"
     manifest = base_dir(cfg) / "base_manifest.json"
-    errs = (json.loads(manifest.read_text()).get("weight_error") if manifest.is_file() else None) or None
-    summary = None if errs is None else {"mean": sum(errs.values()) / len(errs), "max": max(errs.values()),
-                                         "n_layers": len(errs)}
-    return {"base_quant": quant, "base_weight_error": summary}
+    record = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    errs = record.get("weight_error") or None
+    out = {"base_quant": quant, "base_weight_error": _error_summary(errs)}
+    if record.get("init_error"):  # LoftQ: the error its initialisation starts from (else the weight error's)
+        out["init_error"] = _error_summary(record["init_error"])
+    return out
+
+
+def _error_summary(errs: dict | None) -> dict | None:
+    return None if not errs else {"mean": sum(errs.values()) / len(errs), "max": max(errs.values()),
+                                  "n_layers": len(errs)}
 
 
 def _known(cfg) -> bool:

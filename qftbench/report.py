@@ -54,7 +54,7 @@ EVAL_COLUMNS = ["mode", "task", "shots", "category", "metric", "value", "stderr"
 EXTRA_COLUMNS = ["alpha", "deploy_mode", "deploy_bits", "deploy_group_size", "config_id", "lr_group", "run_dir"]
 ACCOUNTING_COLUMNS = ["trainable_params", "adapter_flops_per_token", "train_flops_per_token", "train_flops_total",
                       "bits_per_param", "train_time_s", "peak_mem_mb", "tokens_per_s", "train_steps",
-                      "quant", "weight_error", "weight_error_max"]
+                      "quant", "weight_error", "weight_error_max", "init_error"]
 COLUMNS = RUN_COLUMNS + EVAL_COLUMNS + EXTRA_COLUMNS + ACCOUNTING_COLUMNS
 
 #: replicates (seeds) of one configuration are averaged over these keys
@@ -291,6 +291,8 @@ def _run_info(rd: Path) -> dict | None:
         "quant": acc.get("base_quant"),
         "weight_error": (acc.get("base_weight_error") or {}).get("mean"),
         "weight_error_max": (acc.get("base_weight_error") or {}).get("max"),
+        # where fine-tuning starts: LoftQ's base + SVD initialisation, else the base itself (B = 0)
+        "init_error": (acc.get("init_error") or acc.get("base_weight_error") or {}).get("mean"),
         "_method_cfg": m,
         "_eval_cfg": cfg.get("eval") or {},
     }
@@ -348,7 +350,7 @@ def collect(results_dir: str | os.PathLike) -> pd.DataFrame:
               "train_steps"):
         df[c] = df[c].astype("Int64")
     for c in ("value", "stderr", "alpha", "lr", "adapter_flops_per_token", "train_flops_per_token", "train_flops_total",
-              "bits_per_param", "train_time_s", "peak_mem_mb", "tokens_per_s", "weight_error", "weight_error_max"):
+              "bits_per_param", "train_time_s", "peak_mem_mb", "tokens_per_s", "weight_error", "weight_error_max", "init_error"):
         df[c] = df[c].astype("float64")
     for c in ("run_id", "model", "method", "data", "mode", "task", "category", "metric", "deploy_mode",
               "deploy_bits", "config_id", "lr_group", "run_dir", "quant"):

@@ -369,7 +369,7 @@ def test_unknown_hyperparameter_did_you_mean():
 
 
 @pytest.mark.parametrize("name,hp,msg", [
-    ("qlora", dict(bits=3), r"bits=3 is not supported; choose one of \[4\]"),
+    ("qlora", dict(bits=8), r"bits=8 is not supported; choose one of \[4, 3, 2\]"),
     ("qalora", dict(bits=5), r"bits=5 is not supported; choose one of \[2, 3, 4, 8\]"),
     ("lora", dict(bits=4), r"bits=4 is not supported; choose one of \[16\]"),
     ("loftq", dict(bits=8), r"bits=8 is not available with quant_type='nf'"),

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError, ShapeError
 from .intk import int_dequantize, int_quantize
-from .nf import nf_codebook, nf_num_blocks, nf_quantize
+from .nf import codebook, nf_num_blocks, nf_quantize
 from .packing import pack, packed_nbytes, unpack
 from .scheme import QuantScheme
 
@@ -66,7 +66,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("zeros", torch.zeros(shape, dtype=torch.float32))
         else:
             self.register_buffer("absmax", torch.zeros(nf_num_blocks(numel, scheme.blocksize), dtype=torch.float32))
-            self.register_buffer("codebook", nf_codebook(scheme.bits))
+            self.register_buffer("codebook", codebook(scheme.kind, scheme.bits))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32) if bias else None)
         self.scale_delta = None
         self.scale_delta_disabled = False  # True: run with the frozen scales (adapter.disabled_adapters)
@@ -84,7 +84,7 @@ class QuantLinear(nn.Module):
             codes, scale, zero = int_quantize(w.float(), scheme.bits, scheme.block())
             mod._set(codes, scales=scale, zeros=zero)
         else:
-            codes, absmax = nf_quantize(w, scheme.bits, scheme.blocksize)
+            codes, absmax = nf_quantize(w, scheme.bits, scheme.blocksize, scheme.kind)
             mod._set(codes, absmax=absmax)
         if has_bias:
             mod.bias.copy_(linear.bias.detach().float())

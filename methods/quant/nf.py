@@ -21,6 +21,10 @@ from .intk import check_bits
 
 NF_BITS = (2, 3, 4)
 NF_OFFSET = 0.9677083
+#: bitsandbytes' FP4 (E2M1 without infinities) as a sorted codebook: the magnitudes 0, 0.0625, 2, 3, 4, 6, 8, 12
+#: (sign bit, 2 exponent bits, 1 mantissa bit, bias 1, with 0.0625 for the subnormal code 001) over their max 12,
+#: both signs (-0 kept, so 16 codes) -- QLoRA's FP4 (Table 2); tests check it against bitsandbytes' table
+FP4_MAGNITUDES = (0.0, 0.0625, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,6 +34,20 @@ def _codebook64(bits: int) -> torch.Tensor:
     neg = -torch.special.ndtri(torch.linspace(NF_OFFSET, 0.5, half, dtype=torch.float64)[:-1])
     v = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
     return v / v.max()
+
+
+@functools.lru_cache(maxsize=None)
+def _fp4_codebook() -> torch.Tensor:
+    v = torch.tensor(FP4_MAGNITUDES, dtype=torch.float64)
+    return (torch.cat([-v, v]).sort().values / v.max()).to(torch.float32)
+
+
+def codebook(kind: str, bits: int) -> torch.Tensor:
+    """The sorted codebook of a blockwise-absmax codebook quantizer: ``"nf"`` (NFk) or ``"fp"`` (FP4)."""
+    if kind == "fp":
+        check_bits(bits, (4,), "FP4 quantizer")
+        return _fp4_codebook().clone()
+    return nf_codebook(bits)
 
 
 def nf_codebook(bits: int) -> torch.Tensor:
@@ -49,13 +67,13 @@ def _check_blocksize(blocksize: int) -> None:
         raise ConfigError(f"blocksize={blocksize!r} must be a positive integer, e.g. blocksize=64.")
 
 
-def nf_quantize(w: torch.Tensor, bits: int, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise-absmax NFk quantization.
+def nf_quantize(w: torch.Tensor, bits: int, blocksize: int = 64, kind: str = "nf") -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise-absmax NFk quantization (``kind="fp"``: the same with the FP4 codebook).
 
     Returns ``(codes, absmax)``: uint8 codes with ``w``'s shape (indices into :func:`nf_codebook`) and the
     float32 absmax of every block of the flattened weight, shape ``(ceil(numel / blocksize),)``.
     """
-    code = nf_codebook(bits)
+    code = codebook(kind, bits)
     _check_blocksize(blocksize)
     flat = w.detach().reshape(-1).float()
     n = flat.numel()
@@ -75,9 +93,9 @@ def nf_quantize(w: torch.Tensor, bits: int, blocksize: int = 64) -> tuple[torch.
 
 
 def nf_dequantize(codes: torch.Tensor, absmax: torch.Tensor, bits: int, blocksize: int = 64,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  dtype: torch.dtype = torch.float32, kind: str = "nf") -> torch.Tensor:
     """``codebook[codes] * absmax[block]`` computed in float32, cast to ``dtype``, with ``codes``' shape."""
-    code = nf_codebook(bits).to(absmax.device)
+    code = codebook(kind, bits).to(absmax.device)
     _check_blocksize(blocksize)
     flat = code[codes.reshape(-1).long()]
     n = flat.numel()
@@ -90,7 +108,7 @@ def nf_dequantize(codes: torch.Tensor, absmax: torch.Tensor, bits: int, blocksiz
     return (flat * scale).reshape(codes.shape).to(dtype)
 
 
-def nf_fake_quant(w: torch.Tensor, bits: int, blocksize: int = 64) -> torch.Tensor:
-    """float32 weight that NFk quantization of ``w`` dequantizes to."""
-    codes, absmax = nf_quantize(w, bits, blocksize)
-    return nf_dequantize(codes, absmax, bits, blocksize)
+def nf_fake_quant(w: torch.Tensor, bits: int, blocksize: int = 64, kind: str = "nf") -> torch.Tensor:
+    """float32 weight that NFk (or FP4, ``kind="fp"``) quantization of ``w`` dequantizes to."""
+    codes, absmax = nf_quantize(w, bits, blocksize, kind)
+    return nf_dequantize(codes, absmax, bits, blocksize, kind=kind)

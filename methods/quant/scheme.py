@@ -7,6 +7,8 @@ Kinds (METHODS.md, "Quantizers"):
   groups of ``group_size`` inputs (tile ``(1, g)``) or 2-D tiles ``(tile_out, tile_in)``, e.g. ``(8, 4)``.
 - ``"nf"``: the suite's own NFk codebook quantizer (k = 2, 3, 4), blockwise absmax over the flattened weight.
 - ``"bnb-nf4"``: bitsandbytes NF4 with double quantization, block 64 (QLoRA).
+- ``"fp"``: FP4, bitsandbytes' E2M1 code as an own codebook quantizer (blockwise absmax like ``"nf"``, no double
+  quantization): the FP4 of QLoRA's Table 2, for the quantizer-error comparison (``base`` with ``quant_type: fp``).
 
 Bits per weight (:meth:`QuantScheme.stored_bits_per_param`, ``format=``), for a layer of ``N = D_out · D_in``
 weights; ``k`` bits per code, ``g`` weights per INT block (``group_size``, or ``tile_out · tile_in``: 32 for
@@ -49,8 +51,8 @@ from .intk import SUPPORTED_BITS as INT_BITS, int_fake_quant
 from .nf import NF_BITS, nf_fake_quant, nf_num_blocks
 from .packing import packed_nbytes
 
-KINDS = ("int", "nf", "bnb-nf4")
-BITS_BY_KIND = {"int": INT_BITS, "nf": NF_BITS, "bnb-nf4": (4,)}
+KINDS = ("int", "nf", "bnb-nf4", "fp")
+BITS_BY_KIND = {"int": INT_BITS, "nf": NF_BITS, "bnb-nf4": (4,), "fp": (4,)}
 STAT_BITS = 32  # scales, zeros and absmax of QuantLinear are float32 (the "working" format)
 DEPLOYED_STAT_BITS = 16  # INT scales and float zeros as a deployed float-zero format stores them (fp16)
 NF_ABSMAX_BITS = 32  # NF absmax as bitsandbytes stores it without double quantization (fp32)
@@ -79,7 +81,7 @@ def suggest_sizes(n: int, bad: int) -> list[int]:
 
 @dataclass(frozen=True)
 class QuantScheme:
-    kind: str  # "int" (group-wise asymmetric INTk, float zeros), "nf" (own NFk codebook), "bnb-nf4"
+    kind: str  # "int" (group-wise asymmetric INTk, float zeros), "nf" (own NFk codebook), "bnb-nf4", "fp" (FP4)
     bits: int
     group_size: int | None = None  # int: row groups of g inputs == tile (1, g)
     tile: tuple[int, int] | None = None  # int: 2-D tile (tile_out, tile_in); exactly one of group_size/tile
@@ -185,8 +187,8 @@ class QuantScheme:
         if self.kind == "int":
             self.check_layer("<weight>", *w.shape)
             return int_fake_quant(w.detach().float(), self.bits, self.block())
-        if self.kind == "nf":
-            return nf_fake_quant(w, self.bits, self.blocksize)
+        if self.kind in ("nf", "fp"):
+            return nf_fake_quant(w, self.bits, self.blocksize, self.kind)
         from .bnb import bnb_nf4_fake_quant
 
         return bnb_nf4_fake_quant(w, blocksize=self.blocksize)
@@ -254,8 +256,8 @@ class QuantScheme:
         if self.kind == "int":
             blk = f"g{self.group_size}" if self.group_size else f"tile{self.tile[0]}x{self.tile[1]}"
             return f"int{self.bits}-{blk}"
-        if self.kind == "nf":
-            return f"nf{self.bits}-b{self.blocksize}"
+        if self.kind in ("nf", "fp"):
+            return f"{self.kind}{self.bits}-b{self.blocksize}"
         return f"bnb-nf4-dq-b{self.blocksize}"
 
 
