@@ -80,13 +80,21 @@ def html_page(tabs: dict, runs: pd.DataFrame, name: str) -> str:
 
     parts = [f"<html><head><meta charset='utf-8'><title>qftbench: {html.escape(name)}</title>"
              "<style>body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left} h2{margin-top:1.6em}</style></head><body>",
-             f"<h1>qftbench sweep <code>{html.escape(name)}</code></h1><p>{html.escape(CELLS_NOTE)}</p>"]
+             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left} h2{margin-top:1.6em}"
+             " .v-supported{background:#d9f2d9} .v-contradicted{background:#f7d4d4}"
+             " .v-inconclusive{background:#eeeeee} nav a{margin-right:1em}</style></head><body>",
+             f"<h1>qftbench sweep <code>{html.escape(name)}</code></h1><p>{html.escape(CELLS_NOTE)}</p>",
+             "<nav>" + "".join(f"<a href='#{html.escape(t)}'>{html.escape(t)}</a>" for t in [*tabs, "runs"])
+             + "</nav>"]
     for t, frame in tabs.items():
         parts.append(f"<h2 id='{html.escape(t)}'>{html.escape(t)}</h2>")
         if t in TABLE_NOTES:
             parts.append(f"<p>{html.escape(TABLE_NOTES[t])}</p>")
-        parts.append(report.display_frame(frame).to_html(index=False, escape=True, border=0))
+        table = report.display_frame(frame).to_html(index=False, escape=True, border=0)
+        if t == "claims":  # colour each verdict cell (supported / contradicted / inconclusive)
+            for v in ("supported", "contradicted", "inconclusive"):
+                table = table.replace(f"<td>{v}</td>", f"<td class='v-{v}'>{v}</td>")
+        parts.append(table)
     parts.append("<h2 id='runs'>runs and provenance</h2>")
     parts.append(runs.to_html(index=False, escape=True, border=0, na_rep=""))
     parts.append("</body></html>")

@@ -103,3 +103,34 @@ def test_perplexity_task_and_its_damage_columns(tmp_path):
     assert R.ppl_interval({("r", i): (-2.0, 1) for i in range(5)})[0] == pytest.approx(math.exp(2.0))
     assert lo <= v <= hi
     assert t.iloc[1]["Alpaca ppl ratio vs 16-bit"].endswith("(n=6)") and t.iloc[0]["Alpaca ppl ratio vs 16-bit"] == ""
+
+
+def test_loftq_records_the_error_its_initialisation_starts_from():
+    """LoftQ's claim in numbers: ``init_error`` = ||W - (Q + s·B·A)|| / ||W|| recorded at quantization equals an
+    independent computation from the injected model, and lies below plain NF2 quantization's error -- the
+    starting error of QLoRA's initialisation (B = 0) on the same NF2 base, where no init_error is recorded."""
+    from methods.adapter import AdapterLinear
+    from methods.quant import dequantize_module, nf_fake_quant
+
+    def model():
+        m = torch.nn.Sequential()
+        m.add_module("q_proj", _linear(seed=5))
+        return m
+
+    plain, lq = model(), model()
+    w = plain.q_proj.weight.detach().clone()
+    q = methods.build("qlora", bits=2, rank=8, targets=["q_proj"])
+    q.quantize(plain)
+    want_plain = float((w - nf_fake_quant(w, 2, 64)).norm() / w.norm())
+    assert plain.qft_base["weight_error"]["q_proj"] == pytest.approx(want_plain, rel=1e-5)
+    assert "init_error" not in plain.qft_base  # B = 0: it starts from its base
+    m = methods.build("loftq", bits=2, group_size=64, rank=8, iters=3, targets=["q_proj"])
+    m.quantize(lq)
+    recorded = lq.qft_base["init_error"]["q_proj"]
+    m.inject(lq)
+    layer = lq.q_proj
+    assert isinstance(layer, AdapterLinear)
+    start = dequantize_module(layer.base) + layer.adapter.delta_weight().float()
+    assert recorded == pytest.approx(float((w - start).norm() / w.norm()), rel=1e-4)
+    assert recorded < want_plain
+    assert lq.qft_base["weight_error"]["q_proj"] != pytest.approx(recorded)  # Q of the residual alone is not it

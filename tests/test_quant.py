@@ -15,7 +15,7 @@ from torch import nn
 from methods.errors import ConfigError, ShapeError
 from methods.quant import (
     QuantLinear, QuantScheme, bnb_nf4_fake_quant, dequantize_linear4bit, dequantize_module, int_quantize,
-    is_quantized, nf_codebook, nf_dequantize, nf_fake_quant, nf_quantize, pack, packed_nbytes, to_linear4bit, unpack,
+    is_quantized, codebook, nf_codebook, nf_dequantize, nf_fake_quant, nf_quantize, pack, packed_nbytes, to_linear4bit, unpack,
 )
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -64,6 +64,33 @@ def test_nf4_codebook_equals_bitsandbytes_table():
     theirs = BF.get_4bit_type("nf4", device="cpu").float()
     assert ours.dtype == torch.float32 and ours.shape == (16,)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-7)  # float32 precision (bnb used float32 linspace)
+
+
+def test_fp4_codebook_is_e2m1_and_equals_bitsandbytes_table():
+    """FP4 (QLoRA's Table 2): sign, 2 exponent bits, 1 mantissa bit, bias 1, the subnormal 001 = 0.0625 (of 12):
+    magnitudes 0, 0.0625, 2, 3, 4, 6, 8, 12 over 12, both signs; the same 16 values as bitsandbytes' table."""
+    e2m1 = sorted(s * m / 12 for s in (1, -1) for m in [0, 0.0625] + [2 ** (e - 1) * (1 + f / 2)
+                                                                      for e in (2, 3, 4) for f in (0, 1)])
+    ours = codebook("fp", 4)
+    assert ours.shape == (16,) and torch.all(ours[1:] >= ours[:-1])
+    torch.testing.assert_close(ours.double(), torch.tensor(e2m1, dtype=torch.float64), rtol=0, atol=1e-7)
+    assert torch.equal(ours, BF.get_4bit_type("fp4", device="cpu").float().sort().values)
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (33, 70), (96, 96)])
+def test_fp4_quantization_equals_bitsandbytes(shape):
+    """The own FP4 quantizer dequantizes to exactly what bitsandbytes' quantize_4bit(quant_type='fp4',
+    no double quantization) does, and its error on normal weights is above NF4's (QLoRA's Table 2 ordering)."""
+    w = rand_w(*shape, seed=sum(shape) + 1)
+    packed, qs = BF.quantize_4bit(w, blocksize=64, quant_type="fp4", compress_statistics=False)
+    from bitsandbytes.backends.default import ops
+
+    fn = getattr(ops._dequantize_4bit_compute, "__wrapped__", ops._dequantize_4bit_compute)
+    theirs = fn(packed.reshape(-1), qs.absmax, BF.get_4bit_type("fp4", device="cpu"), 64, shape, torch.float32)
+    ours = QuantScheme("fp", 4).fake_quant(w)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    err = {k: float((w - QuantScheme(k, 4).fake_quant(w)).norm() / w.norm()) for k in ("fp", "nf")}
+    assert err["nf"] < err["fp"]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -231,7 +258,7 @@ def test_int_at_most_2k_distinct_values_per_block(bits, blk):
 LINEAR_SCHEMES = [
     QuantScheme("int", 4, group_size=32), QuantScheme("int", 3, tile=(8, 4)), QuantScheme("int", 2, group_size=16),
     QuantScheme("int", 8, group_size=64), QuantScheme("nf", 4), QuantScheme("nf", 3),
-    QuantScheme("nf", 2, blocksize=48),
+    QuantScheme("nf", 2, blocksize=48), QuantScheme("fp", 4),
 ]
 
 

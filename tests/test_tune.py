@@ -398,3 +398,30 @@ def test_a_method_entry_can_run_at_some_seeds_only(tmp_path):
     sweep["methods"][0]["seeds"] = [5]
     with pytest.raises(ConfigError, match=r"methods\[0\] \(base\)\.seeds: \[5\].*Fix"):
         S.expand(sweep)
+
+
+def test_claims_config_takes_every_rate_from_the_tuning_rule():
+    """config/claims.yaml: the default's task, steps and seeds; every method at the rate config/methods.yaml gives
+    it (the tuning rule's choice), on every base; its claims validate and name only methods it runs, and the runs
+    it shares with config/methods.yaml (base, lora, qlora, qbara at rank 16) differ from methods.yaml's only in the
+    GPTQ calibration windows (part of every run id: "QLoRA w/ GPTQ" calibrates the merged model with them) and in
+    float32 training (bf16 is emulated on AVX2-only CPUs)."""
+    every, claims = (S.load(REPO / "config" / f"{n}.yaml") for n in ("methods", "claims"))
+    m_runs, c_runs = S.expand(every), S.expand(claims)
+    rate = {c["method"]["name"]: c["train"]["lr"] for c in m_runs.values()}
+    for c in c_runs.values():
+        assert c["train"]["lr"] == rate[c["method"]["name"]], c["method"]
+        for key in ("max_steps", "batch_size", "optimizer"):
+            assert c["train"][key] == every["run"]["train"][key]
+        assert c["train"]["precision"] == "fp32"  # bf16 is emulated (about 20x slower) on AVX2-only CPUs
+    assert claims["data"] == every["data"] and sorted({c["seed"] for c in c_runs.values()}) == [0, 1, 2]
+    shared = {rid for rid, c in c_runs.items() if c["method"]["name"] in ("lora", "qbara")
+              or (c["method"]["name"] == "qlora" and c["method"]["bits"] == 4)
+              or (c["method"]["name"] == "base" and c["method"]["bits"] == 16)}
+    assert len(shared) == 10
+    for rid in shared:
+        twin = next(c for c in m_runs.values() if c["method"] == c_runs[rid]["method"] and c["seed"] == c_runs[rid]["seed"])
+        assert {k: v for k, v in c_runs[rid].items() if k not in ("calibration", "eval", "sweep", "resources", "train")} \
+            == {k: v for k, v in twin.items() if k not in ("calibration", "eval", "sweep", "resources", "train")}
+    named = {c[s]["method"] for c in claims["claims"] for s in ("a", "b")}
+    assert named <= {c["method"]["name"] for c in c_runs.values()} and len(claims["claims"]) >= 12

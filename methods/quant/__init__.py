@@ -1,17 +1,17 @@
-"""Quantizers: NF4 through bitsandbytes, an own NFk codebook quantizer, group-wise INTk (RTN and GPTQ).
+"""Quantizers: NF4 through bitsandbytes, own NFk and FP4 codebook quantizers, group-wise INTk (RTN and GPTQ).
 
 bitsandbytes is imported lazily (only by the ``bnb-nf4`` kind and :mod:`methods.quant.bnb`'s functions).
 """
 from .bnb import bnb_nf4_fake_quant, dequantize_linear4bit, to_linear4bit
 from .intk import int_dequantize, int_fake_quant, int_params, int_quantize
 from .linear import QuantLinear
-from .nf import nf_codebook, nf_dequantize, nf_fake_quant, nf_quantize
+from .nf import codebook, nf_codebook, nf_dequantize, nf_fake_quant, nf_quantize
 from .packing import pack, packed_nbytes, unpack
 from .scheme import QuantScheme, dequantize_module, is_quantized
 
 __all__ = [
     "QuantScheme", "QuantLinear", "dequantize_module", "is_quantized",
-    "nf_codebook", "nf_quantize", "nf_dequantize", "nf_fake_quant",
+    "codebook", "nf_codebook", "nf_quantize", "nf_dequantize", "nf_fake_quant",
     "pack", "unpack", "packed_nbytes",
     "to_linear4bit", "dequantize_linear4bit", "bnb_nf4_fake_quant",
     "int_params", "int_quantize", "int_dequantize", "int_fake_quant",
