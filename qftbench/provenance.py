@@ -44,6 +44,14 @@ CPU_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
                 "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "asimd", "sve", "bf16")
 
 
+def native_bf16(info: dict[str, Any] | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (x86: AVX512-BF16 or AMX-BF16; Arm: the bf16 extension). Without it
+    torch emulates bf16 arithmetic and a bf16-autocast training step is about 20x slower than float32 (SmolLM2,
+    batch 8: 78 s vs 4 s per step on an AVX2-only AMD EPYC, measured 2026-12-02)."""
+    feats = set((info or cpu_info()).get("features") or [])
+    return bool(feats & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 #: environment variables that cap the instruction set of torch's own kernels (ATen) and of oneDNN
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 

@@ -48,6 +48,7 @@ import copy
 import itertools
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import jsonschema
@@ -581,3 +582,24 @@ def plan_text(sweep: dict, where: str = "sweep", **kw) -> str:
     if errs:
         lines.append(f"{len(errs)} runs have no estimate: {errs[0]['error']}")
     return "\n".join(lines)
+
+
+#: training precisions and model dtypes that a CPU without native bf16 / fp16 arithmetic emulates
+HALF_PRECISIONS = ("bf16", "fp16")
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+def emulated_half(runs: Mapping[str, dict], info: dict | None = None, cuda: bool | None = None) -> list[str]:
+    """The runs that would compute in bf16/fp16 on a CPU that only emulates it (no CUDA device, no native bf16:
+    :func:`qftbench.provenance.native_bf16`), where each step is about 20x slower than in float32. Empty on a GPU
+    or on a CPU with AVX512-BF16 / AMX. The Snakefile warns with the fix before any job starts."""
+    from .provenance import native_bf16
+
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if cuda or native_bf16(info):
+        return []
+    return sorted(rid for rid, c in runs.items() if c["method"]["name"] != "base" and (
+        c["train"].get("precision") in HALF_PRECISIONS or c["model"].get("dtype") in HALF_DTYPES))

@@ -11,6 +11,8 @@ from methods.errors import ConfigError
 from qftbench import config as C
 from qftbench import sweep as S
 
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
 SWEEP = {
     "name": "p", "models": ["tiny-llama"], "data": {"synthetic": {"source": "synthetic"}},
     "methods": [{"name": "qlora", "rank": 4}, {"name": "qalora", "rank": 4, "group_size": 32},
@@ -104,3 +106,22 @@ def test_job_params_leave_out_settings_at_the_value_runs_already_had():
     ov = C.job_view(odd)
     assert ov["eval"]["mmlu"]["average"] == "subjects" and ov["train"]["norm_dtype"] == "float32"
     assert ov["data"]["prompt"] == "alpaca-trailing-space" and C.resolve(ov) == odd
+
+
+@pytest.mark.parametrize("name", ["default", "methods", "peft", "tune"])
+def test_cpu_sweeps_offer_float32_where_bf16_is_emulated(name):
+    """The shipped CPU sweeps train in bf16 autocast, which a CPU without AVX512-BF16/AMX emulates (about 20x
+    slower): emulated_half names those runs on such a CPU (never the un-tuned base, never on a GPU or a bf16 CPU),
+    and each sweep's `fp32` preset (`snakemake --config preset=fp32`) puts every run in float32."""
+    sweep = S.load(REPO / "config" / f"{name}.yaml")
+    runs = S.expand(sweep)
+    avx2 = {"features": ["avx", "avx2", "fma"]}
+    slow = S.emulated_half(runs, info=avx2, cuda=False)
+    assert slow and set(slow) == {r for r, c in runs.items() if c["method"]["name"] != "base"}
+    assert S.emulated_half(runs, info={"features": ["avx512f", "avx512_bf16"]}, cuda=False) == []
+    assert S.emulated_half(runs, info={"features": ["amx_bf16"]}, cuda=False) == []
+    assert S.emulated_half(runs, info=avx2, cuda=True) == []
+    fp32 = S.expand({**sweep, "preset": "fp32"})
+    assert len(fp32) == len(runs) and {c["train"]["precision"] for c in fp32.values()} == {"fp32"}
+    assert {c["sweep"]["preset"] for c in fp32.values()} == {"fp32"}
+    assert S.emulated_half(fp32, info=avx2, cuda=False) == []

@@ -131,3 +131,14 @@ def test_embedded_default_parses_without_a_configfile(tmp_path):
     p = _run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "-s", str(REPO / "Snakefile")], cwd=tmp_path,
              env={"PYTHONPATH": str(REPO)})
     assert re.search(r"^finetune\s+7$", p.stdout, re.M) and re.search(r"^evaluate\s+7$", p.stdout, re.M), p.stdout
+    # on a CPU without native bf16 the warning names the fix; the fp32 preset: the same 7 runs, in float32, no warning
+    from qftbench.provenance import native_bf16
+
+    assert ("preset=fp32" in p.stderr) == (not native_bf16() and not __import__("torch").cuda.is_available())
+    q = _run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "-s", str(REPO / "Snakefile"), "--config",
+              "preset=fp32"], cwd=tmp_path, env={"PYTHONPATH": str(REPO)})
+    assert re.search(r"^finetune\s+7$", q.stdout, re.M) and "qftbench WARNING" not in q.stderr, q.stderr
+    from qftbench import sweep as S
+
+    fp32 = S.expand({**S.load(REPO / "config" / "default.yaml"), "preset": "fp32"})
+    assert {c["train"]["precision"] for c in fp32.values()} == {"fp32"} and all(r in q.stdout for r in fp32)

@@ -17,6 +17,8 @@ else:  # default, or --config sweep=path
     if not Path(SWEEP_SOURCE).is_file() and (Path(workflow.basedir) / SWEEP_SOURCE).is_file():
         SWEEP_SOURCE = str(Path(workflow.basedir) / SWEEP_SOURCE)  # the repo's config/, from any --directory
     SWEEP = S.load(SWEEP_SOURCE)
+    if config.get("preset"):  # --config preset=NAME also for the embedded default (e.g. preset=fp32)
+        SWEEP["preset"] = config["preset"]
 SWEEP = {k: v for k, v in SWEEP.items() if k != "sweep"}
 
 RUNS = S.expand(SWEEP, where=str(SWEEP_SOURCE))  # raises a ConfigError (with the fix) before any job
@@ -33,6 +35,13 @@ for _m in S.memory_fit(SWEEP, RUNS, where=str(SWEEP_SOURCE)):  # a warning: reso
         print(f"qftbench WARNING: {_m['model']}: {_m['weights_gib']:.1f} GiB of {_m['dtype']} weights do not fit "
               f"on {_m['gpus']} x {_m['gpu_mem_gib']:g} GiB GPUs; its jobs will stop when loading. Fix: "
               f"{_m['fix']}.", file=sys.stderr)
+
+_slow = S.emulated_half(RUNS)  # bf16/fp16 on a CPU that only emulates it: a warning with the fix, before any job
+if _slow:
+    print(f"qftbench WARNING: {len(_slow)} runs compute in bf16/fp16, but this CPU has no native bf16 (no AVX512-BF16 "
+          f"or AMX) and there is no GPU: torch emulates it, about 20x slower than float32 (78 s vs 4 s per step "
+          f"measured on an AVX2 machine). Fix: add --config preset=fp32 (the shipped CPU sweeps define it; results "
+          f"then differ from bf16 ones in the low bits and get other run ids).", file=sys.stderr)
 
 EVALS = {}  # (run, mode, group) -> evaluation job
 for _rid, _cfg in RUNS.items():
