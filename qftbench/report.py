@@ -1078,14 +1078,21 @@ def ppl_interval(docs: Mapping, key=()) -> tuple[float, float, float]:
 
 
 def ppl_ratio(a: Mapping, b: Mapping, key=()) -> tuple[float, float, float, int] | None:
-    """Paired ratio of word perplexities ``ppl(a) / ppl(b)`` on the documents both scored (by document key,
-    runs pooled), with its 95% bootstrap interval over those documents, and their number."""
+    """Paired ratio of word perplexities ``ppl(a) / ppl(b)`` on the documents both scored (by document key), with
+    its 95% bootstrap interval over those documents, and their number. ``a`` and ``b`` are :func:`_ppl_docs`
+    records keyed ``(run dir, document)``: a side with several runs (seeds) enters with each document's mean
+    log-likelihood over its runs, so every document counts once on each side."""
     import numpy as np
 
     from . import stats
 
-    ka = {k[1]: v for k, v in a.items()}
-    kb = {k[1]: v for k, v in b.items()}
+    def per_doc(d: Mapping) -> dict:
+        acc: dict = {}
+        for (_, k), (ll, w) in d.items():
+            acc.setdefault(k, ([], w))[0].append(ll)
+        return {k: (float(np.mean(lls)), w) for k, (lls, w) in acc.items()}
+
+    ka, kb = per_doc(a), per_doc(b)
     common = sorted(set(ka) & set(kb), key=str)
     if not common:
         return None

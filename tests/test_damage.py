@@ -134,3 +134,16 @@ def test_loftq_records_the_error_its_initialisation_starts_from():
     assert recorded == pytest.approx(float((w - start).norm() / w.norm()), rel=1e-4)
     assert recorded < want_plain
     assert lq.qft_base["weight_error"]["q_proj"] != pytest.approx(recorded)  # Q of the residual alone is not it
+
+
+def test_perplexity_ratio_pairs_documents_and_averages_a_sides_seeds():
+    """ppl(A) / ppl(B) on the documents both scored: with two seeds on A, each document enters with A's mean
+    log-likelihood (before, the second seed's records overwrote the first's); equal sides give exactly 1."""
+    b = {("rb", "d1"): (-10.0, 5), ("rb", "d2"): (-20.0, 10), ("rb", "d3"): (-6.0, 3)}
+    a = {("ra0", "d1"): (-12.0, 5), ("ra0", "d2"): (-22.0, 10),
+         ("ra1", "d1"): (-14.0, 5), ("ra1", "d2"): (-26.0, 10)}
+    ratio, lo, hi, n = R.ppl_ratio(a, b, key=("t",))
+    want = math.exp(-((-13.0 - 24.0) - (-10.0 - 20.0)) / 15)  # d3 is not scored by A
+    assert n == 2 and ratio == pytest.approx(want) and lo <= ratio <= hi
+    assert R.ppl_ratio(b, dict(b), key=("t",))[:3] == (pytest.approx(1.0), pytest.approx(1.0), pytest.approx(1.0))
+    assert R.ppl_ratio(a, {("rb", "d9"): (-1.0, 1)}) is None
