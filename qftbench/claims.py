@@ -7,7 +7,8 @@ A sweep config may list ``claims``; the report turns each into one row of the ``
         paper: "QA-LoRA (arXiv 2309.14717), Table 1"
         claim: "at 4 bits QA-LoRA matches QLoRA (4+16)"
         kind: matches            # beats | not-worse | matches | exact | lower
-        a: {method: qalora}      # selectors of one configuration each (method, mode, bits, group, quant, rank)
+        a: {method: qalora}      # selectors of one configuration each (method, mode, bits, group, quant, rank,
+                                 # model, data: as the tables name them, for a grid with several)
         b: {method: qlora}
         cell: {task: commonsense_avg}   # the cell compared (task, shots, category, metric); default below
         margin: 2.0              # points: the equivalence / non-inferiority margin of matches / not-worse
@@ -44,7 +45,7 @@ from .report import ALPHA  # the paired table's significance level: one alpha fo
 
 KINDS = ("beats", "not-worse", "matches", "exact", "lower")
 CLAIM_KEYS = ("id", "paper", "claim", "kind", "a", "b", "cell", "margin")
-SELECT_KEYS = ("method", "mode", "bits", "group", "quant", "rank")
+SELECT_KEYS = ("method", "mode", "bits", "group", "quant", "rank", "model", "data")
 CELL_KEYS = ("task", "shots", "category", "metric")
 #: recorded numbers a ``lower`` claim compares (columns of the report's frame)
 LOWER_METRICS = ("weight_error", "weight_error_max", "init_error")
@@ -99,8 +100,38 @@ def validate(claims: Any, where: str = "claims") -> None:
             raise ConfigError(f"{w}.margin={m!r} must be a number of points >= 0 (e.g. 2.0).")
 
 
+def check_selectors(claims: Sequence[Mapping], runs: Mapping[str, dict], where: str = "claims") -> None:
+    """Every claim's ``a`` and ``b`` must select at least one run of the sweep by method, bits, group, rank, model
+    and data (mode and quant are checked when the table is made): a selector that names a setting the sweep does
+    not run is an error before any job, not a ``not run`` row after the sweep."""
+    from pathlib import PurePath
+
+    def facts(cfg: dict) -> dict:
+        m = cfg["method"]
+        name = m["name"]
+        if name == "peft":
+            from methods.peft_method import table_name
+
+            name = table_name(m)
+        return {"method": name, "bits": m.get("bits"), "group": m.get("group_size"), "rank": m.get("rank"),
+                "model": PurePath(str(cfg["model"]["name"])).name, "data": (cfg.get("data") or {}).get("source")}
+
+    have = [facts(c) for c in runs.values()]
+    for i, c in enumerate(claims):
+        for side in ("a", "b"):
+            sel = {k: v for k, v in c[side].items() if k in ("method", "bits", "group", "rank", "model", "data")}
+            if not any(all(str(f[k]) == str(v) for k, v in sel.items()) for f in have):
+                same = sorted({tuple((k, f[k]) for k in sel if k != "method") for f in have
+                               if f["method"] == sel["method"]})
+                hint = ("; its runs of that method have " + ", ".join(
+                    "{" + ", ".join(f"{k}: {v}" for k, v in t) + "}" for t in same[:6])) if same else \
+                    f"; the sweep runs no {sel['method']!r}"
+                raise ConfigError(f"{where}[{i}] ({c['id']}).{side}={dict(c[side])} selects no run of this sweep"
+                                  f"{hint}. Fix the selector or add the run to the sweep's methods.")
+
+
 def _matches(row, sel: Mapping, quant_of: Mapping, deploy_of: Mapping) -> bool:
-    if row.method != sel["method"]:
+    if row.method != sel["method"] or not _same_labels(row, sel):
         return False
     if "mode" in sel and row.mode != sel["mode"]:
         return False
@@ -221,8 +252,14 @@ def _recorded(df: pd.DataFrame, sel: Mapping, metric: str, quant_of: Mapping) ->
     return float(vals[0]) if vals else None
 
 
+def _same_labels(row, sel: Mapping) -> bool:
+    """The model and data as the tables name them (``model``: the last part of the model's name, e.g. ``llama-7b`` for
+    huggyllama/llama-7b, ``Llama-2-7b-hf``; ``data``: its source, e.g. ``alpaca``), where the selector names them."""
+    return all(str(getattr(row, k)) == str(sel[k]) for k in ("model", "data") if k in sel)
+
+
 def _matches_run(r, sel: Mapping, quant_of: Mapping) -> bool:
-    if r.method != sel["method"]:
+    if r.method != sel["method"] or not _same_labels(r, sel):
         return False
     if "bits" in sel and str(r.bits) != str(sel["bits"]):
         return False
@@ -251,4 +288,4 @@ def _differing(ca: dict, cb: dict, keep: Mapping) -> tuple[int, int]:
     return n_diff, n
 
 
-__all__ = ["KINDS", "claims_table", "validate", "verdict"]
+__all__ = ["KINDS", "check_selectors", "claims_table", "validate", "verdict"]

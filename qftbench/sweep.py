@@ -354,6 +354,10 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
                         if rid in runs and _placement(runs[rid]) != _placement(cfg):
                             raise ConfigError(f"{label}: the same run appears twice in the sweep ({rid}).")
                         runs.setdefault(rid, cfg)  # equal under two presets: one run (the first preset named)
+    if sweep.get("claims"):
+        from .claims import check_selectors
+
+        check_selectors(sweep["claims"], runs, where=f"{where}: claims")
     return runs
 
 

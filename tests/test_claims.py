@@ -106,3 +106,21 @@ def test_a_sweep_with_claims_validates_them_and_expects_the_table():
     sw["claims"] = [{**CLAIM, "kind": "wins"}]
     with pytest.raises(ConfigError, match=r"claims\[0\].kind='wins'"):
         S.expand(sw)
+
+
+def test_a_selector_that_selects_no_run_is_an_error_before_any_job():
+    """A claim whose a or b names a setting the sweep does not run (a typo in bits, a method left out) fails at
+    expansion with the claim, the selector and what the sweep does run, instead of a 'not run' row hours later."""
+    sw = S.load(Path(__file__).parents[1] / "config" / "tiny.yaml")
+    sw["claims"] = [{**CLAIM, "a": {"method": "qalora", "bits": 3}}]
+    with pytest.raises(ConfigError, match=r"claims\[0\] \(.*\)\.a=\{'method': 'qalora', 'bits': 3\} selects no run"
+                                          r".*\{bits: 4\}"):
+        S.expand(sw)
+    sw["claims"] = [{**CLAIM, "b": {"method": "loftq"}}]
+    with pytest.raises(ConfigError, match=r"the sweep runs no 'loftq'"):
+        S.expand(sw)
+    sw["claims"] = [{**CLAIM, "a": {"method": "qalora", "rank": 4, "model": "tiny-llama", "data": "synthetic"}}]
+    assert len(S.expand(sw)) == 5  # model and data as the tables name them
+    sw["claims"] = [{**CLAIM, "a": {"method": "qalora", "data": "alpaca"}}]
+    with pytest.raises(ConfigError, match="selects no run"):
+        S.expand(sw)
