@@ -210,6 +210,7 @@ def test_snakemake_report_is_one_browsable_html_file(tiny_sweep):
     assert "qalora-matches-qlora" in claims and "nf4-below-int4-g32" in claims
     assert re.search(r"class='v-(supported|contradicted)'>(supported|contradicted)<", claims)
     assert text.count("data:image/png") >= 3 or text.count("image/png") >= 3  # the figures
+    assert "claims.csv" in text and "Claims" in text  # the claims table is also its own report entry
 
 
 @pytest.mark.slow

@@ -6,7 +6,11 @@ rule report:
         evals=[job["path"] for job in EVALS.values()],
         trained=[f"{RESULTS}/runs/{rid}/train.json" for rid in RUNS],
     output:
-        tables=[f"{OUT['tables']}/{t}.{ext}" for t in TABLES for ext in ("csv", "md", "tex")],
+        tables=[
+            report(f"{OUT['tables']}/{t}.{ext}", caption="../report/claims.rst", category="Claims")
+            if t == "claims" and ext == "csv" else f"{OUT['tables']}/{t}.{ext}"
+            for t in TABLES for ext in ("csv", "md", "tex")
+        ],
         figures=[
             report(f"{OUT['figures']}/{f}.png", caption="../report/figure.rst", category="Figures")
             if ext == "png" else f"{OUT['figures']}/{f}.{ext}"
