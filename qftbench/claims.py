@@ -137,7 +137,8 @@ def _matches(row, sel: Mapping, quant_of: Mapping, deploy_of: Mapping) -> bool:
         return False
     if "mode" not in sel and deploy_of.get(row.config_id) and row.mode != deploy_of[row.config_id]:
         return False  # by default the method's own deployment
-    if "bits" in sel and str(row.deploy_bits) != str(sel["bits"]) and str(row.bits) != str(sel["bits"]):
+    # bits: the deployed bits ("4", "16"), or the base's under a 16-bit adapter ("4" of "4+16")
+    if "bits" in sel and str(sel["bits"]) not in (str(row.deploy_bits), str(row.deploy_bits).split("+")[0]):
         return False
     if "group" in sel and (pd.isna(row.deploy_group_size) or int(row.deploy_group_size) != int(sel["group"])):
         return False

@@ -80,6 +80,12 @@ def test_claims_over_real_tiny_runs(runs):
         {"id": "lower", "paper": "QLoRA, Table 2", "claim": "NF4's error is below INT4's", "kind": "lower",
          "a": {"method": "qlora"}, "b": {"method": "qalora"}, "cell": {"metric": "weight_error"}},
         {**CLAIM, "id": "absent", "a": {"method": "peqa"}},
+        # selectors by bits and group, on the deployed (int-merge: "4") and the unmerged ("4+16": its base's 4) rows
+        {"id": "merge-exact-bits", "paper": "QA-LoRA", "claim": "the same, selected by bits and group",
+         "kind": "exact", "a": {"method": "qalora", "mode": "int-merge", "bits": 4, "group": 32},
+         "b": {"method": "qalora", "mode": "4+16", "bits": 4}},
+        {**CLAIM, "id": "beats-bits", "a": {"method": "qalora", "bits": 4}, "b": {"method": "qlora", "bits": 4}},
+        {**CLAIM, "id": "bits-none", "a": {"method": "qalora", "bits": 2}},
     ]
     K.validate(claims)
     t = K.claims_table(df, agg, claims).set_index("id")
@@ -92,6 +98,8 @@ def test_claims_over_real_tiny_runs(runs):
     assert t.loc["matches-wide", "verdict"] == "supported" and t.loc["matches-none", "verdict"] != "supported"
     # QA-LoRA's merge into the INT zero points is exact: every item scores the same
     assert t.loc["merge-exact", "verdict"] == "supported" and t.loc["merge-exact", "why"] == "identical on every item"
+    assert t.loc["merge-exact-bits", "verdict"] == "supported"
+    assert t.loc["beats-bits", "A - B"] == t.loc["beats", "A - B"] and t.loc["bits-none", "verdict"] == "not run"
     w = {m: json.loads((Path(d) / "accounting.json").read_text())["base_weight_error"]["mean"]
          for m, d in zip(df["method"], df["run_dir"])}
     assert t.loc["lower", "verdict"] == ("supported" if w["qlora"] < w["qalora"] else "contradicted")
