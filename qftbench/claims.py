@@ -223,6 +223,11 @@ def claims_table(df: pd.DataFrame, agg: pd.DataFrame, claims: Sequence[Mapping])
             rows.append(base)
             continue
         ra, rb = ra[0], rb[0]
+        if str(ra.seeds) != str(rb.seeds) and c["kind"] == "exact":
+            # an exact claim compares the same seeds item by item; other kinds pair what both sides have
+            base["why"] = f"A has seeds {ra.seeds}, B {rb.seeds}: an exact comparison needs the same seeds"
+            rows.append(base)
+            continue
         common = R.common_items(ra.run_dirs, ra.mode, rb.run_dirs, rb.mode, ra.task, ra.shots, ra.category,
                                 ra.metric)
         if common is None:
