@@ -544,7 +544,7 @@ def test_stored_bits_per_param_format_errors():
 # ---------------------------------------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(kind="nf4", bits=4), r"kind='nf4' is not a quantizer kind; set kind to one of 'int', 'nf', 'bnb-nf4'\. "
+    (dict(kind="nf4", bits=4), r"kind='nf4' is not a quantizer kind; set kind to one of 'int', 'nf', 'bnb-nf4', 'fp'\. "
                                r"Did you mean \"nf\"\?"),
     (dict(kind="integer", bits=4, group_size=32), r"kind='integer' .*Did you mean \"int\"\?"),
     (dict(kind="int", bits=5, group_size=32), r"bits=5 is not supported by kind='int'; supported: \[2, 3, 4, 8\]"),
