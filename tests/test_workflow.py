@@ -47,7 +47,7 @@ EXPECTED = {
     "methods": {"quantize_base": 5, "finetune": 25, "evaluate": 25, "report": 1, "all": 1, "total": 57},
     # 4 runs x 3 evaluation groups (MMLU 0-shot, MMLU 5-shot, commonsense); bases: 16-bit, NF4, INT4 g32 (qalora
     # and qahira share it)
-    "local": {"quantize_base": 3, "finetune": 4, "evaluate": 12, "report": 1, "all": 1, "total": 21},
+    "local": {"quantize_base": 3, "finetune": 5, "evaluate": 15, "report": 1, "all": 1, "total": 25},
     # 1 base + (8 suite methods + 5 peft methods) x 4 learning rates, each evaluated once on the validation split
     "tune": {"finetune": 53, "evaluate": 53, "report": 1, "all": 1},
     # 25 runs: base once + 3 seeds x (lora, qlora, qalora + 5 peft methods); bases: 16-bit (base, lora, PiSSA),
