@@ -104,17 +104,11 @@ def check_selectors(claims: Sequence[Mapping], runs: Mapping[str, dict], where: 
     """Every claim's ``a`` and ``b`` must select at least one run of the sweep by method, bits, group, rank, model
     and data (mode and quant are checked when the table is made): a selector that names a setting the sweep does
     not run is an error before any job, not a ``not run`` row after the sweep."""
-    from pathlib import PurePath
+    from .report import run_labels
 
     def facts(cfg: dict) -> dict:
-        m = cfg["method"]
-        name = m["name"]
-        if name == "peft":
-            from methods.peft_method import table_name
-
-            name = table_name(m)
-        return {"method": name, "bits": m.get("bits"), "group": m.get("group_size"), "rank": m.get("rank"),
-                "model": PurePath(str(cfg["model"]["name"])).name, "data": (cfg.get("data") or {}).get("source")}
+        labels = run_labels(cfg)
+        return {**labels, "group": labels["group_size"]}
 
     have = [facts(c) for c in runs.values()]
     for i, c in enumerate(claims):

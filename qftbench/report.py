@@ -254,24 +254,41 @@ def _deployed_bits(acc: dict) -> float | None:
         return None                             # cell, never a working-copy number under the deployed label
 
 
-def _run_info(rd: Path) -> dict | None:
-    cfg = yaml.safe_load((rd / "config.yaml").read_text()) if (rd / "config.yaml").is_file() else None
-    if not cfg:
-        return None
-    m, train, acc = cfg.get("method") or {}, _read_json(rd / "train.json"), _read_json(rd / "accounting.json")
-    if m.get("name") == "peft":  # one row name per peft method and base (peft-dora-nf4); its rank is peft's r
+def table_method(cfg: Mapping) -> dict:
+    """A run config's method section as the tables name it: peft's methods get one row name per method and base
+    (``peft-dora-nf4``), their rank is peft's ``r`` and their bits the base's."""
+    m = dict(cfg.get("method") or {})
+    if m.get("name") == "peft":
         from methods.peft_method import table_name
 
         m = {**m, "name": table_name(m), "rank": (m.get("peft") or {}).get("r"),
              "bits": 4 if m.get("base") == "nf4" else 16}
+    return m
+
+
+def run_labels(cfg: Mapping) -> dict:
+    """The labels a run's rows carry in every table (and that claims select by): model (the last part of its
+    name), method, data source, bits, group size and rank. One derivation for the report and for the sweep's
+    check of claim selectors before any job."""
+    m = table_method(cfg)
     return {
-        "run_id": rd.name,
         "model": Path(str(cfg["model"]["name"])).name,
         "method": m.get("name"),
         "data": (cfg.get("data") or {}).get("source"),
         "bits": _int_or_none(m.get("bits")),
         "group_size": _int_or_none(m.get("group_size")),
         "rank": _int_or_none(m.get("rank")),
+    }
+
+
+def _run_info(rd: Path) -> dict | None:
+    cfg = yaml.safe_load((rd / "config.yaml").read_text()) if (rd / "config.yaml").is_file() else None
+    if not cfg:
+        return None
+    m, train, acc = table_method(cfg), _read_json(rd / "train.json"), _read_json(rd / "accounting.json")
+    return {
+        "run_id": rd.name,
+        **run_labels(cfg),
         "lr": _float_or_none((cfg.get("train") or {}).get("lr")),
         "seed": _int_or_none(cfg.get("seed")),
         "alpha": float(m["alpha"]) if isinstance(m.get("alpha"), (int, float)) else None,

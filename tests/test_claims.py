@@ -132,3 +132,20 @@ def test_a_selector_that_selects_no_run_is_an_error_before_any_job():
     sw["claims"] = [{**CLAIM, "a": {"method": "qalora", "data": "alpaca"}}]
     with pytest.raises(ConfigError, match="selects no run"):
         S.expand(sw)
+
+
+def test_claim_selectors_see_peft_methods_as_the_tables_name_them():
+    """A claim selects a peft baseline by the row name, rank (peft's r) and bits (its base's) that the tables show:
+    the sweep's selector check and the report derive them with one function (report.run_labels)."""
+    from qftbench.report import run_labels
+
+    sw = S.load(Path(__file__).parents[1] / "config" / "peft.yaml")
+    runs = S.expand({**sw, "claims": []})
+    dora = [run_labels(c) for c in runs.values() if (c["method"].get("peft") or {}).get("use_dora")]
+    assert dora and all(d["rank"] == 16 and d["bits"] == 4 and d["method"].startswith("peft-") for d in dora)
+    name = dora[0]["method"]
+    sw["claims"] = [{**CLAIM, "a": {"method": name, "rank": 16, "bits": 4}, "b": {"method": "qlora"}}]
+    assert len(S.expand(sw)) == len(runs)
+    sw["claims"] = [{**CLAIM, "a": {"method": name, "rank": 8}, "b": {"method": "qlora"}}]
+    with pytest.raises(ConfigError, match=r"selects no run.*\{rank: 16\}"):
+        S.expand(sw)
