@@ -151,7 +151,7 @@ class LoftQ(Method):
     def init_errors(self, weight_errors):
         """``||W - (Q + s·B·A)|| / ||W||`` of the initialisation LoftQ hands to fine-tuning, per layer (the
         paper's claim: below plain quantization's ``||W - quant(W)|| / ||W||``, QLoRA's starting error)."""
-        return dict(getattr(self, "_init_error", None) or weight_errors)
+        return getattr(self, "_init_error", None) or weight_errors  # no layers: the base's own (same object)
 
     def wrap_layer(self, name, base, adapter_dtype):
         adapter = PooledAdapter(base.in_features, base.out_features, p=1, q=1, rank=self.hp["rank"],
