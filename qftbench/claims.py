@@ -124,23 +124,30 @@ def check_selectors(claims: Sequence[Mapping], runs: Mapping[str, dict], where: 
                                   f"{hint}. Fix the selector or add the run to the sweep's methods.")
 
 
-def _matches(row, sel: Mapping, quant_of: Mapping, deploy_of: Mapping) -> bool:
+def _matches(row, sel: Mapping, quant_of: Mapping, deploy_of: Mapping | None = None) -> bool:
+    """Does the selector pick this row? An aggregated row (``deploy_of`` given: config id -> the method's own
+    deployment mode) has a mode and is matched on its deployed bits and group; a run row (``deploy_of`` None, for
+    the recorded numbers of ``lower``) on the run's configured bits and group."""
     if row.method != sel["method"] or not _same_labels(row, sel):
         return False
-    if "mode" in sel and row.mode != sel["mode"]:
-        return False
-    if "mode" not in sel and deploy_of.get(row.config_id) and row.mode != deploy_of[row.config_id]:
-        return False  # by default the method's own deployment
-    # bits: the deployed bits ("4", "16"), or the base's under a 16-bit adapter ("4" of "4+16")
-    if "bits" in sel and str(sel["bits"]) not in (str(row.deploy_bits), str(row.deploy_bits).split("+")[0]):
-        return False
-    if "group" in sel and (pd.isna(row.deploy_group_size) or int(row.deploy_group_size) != int(sel["group"])):
+    if deploy_of is not None:
+        if "mode" in sel and row.mode != sel["mode"]:
+            return False
+        if "mode" not in sel and deploy_of.get(row.config_id) and row.mode != deploy_of[row.config_id]:
+            return False  # by default the method's own deployment
+        # bits: the deployed bits ("4", "16"), or the base's under a 16-bit adapter ("4" of "4+16")
+        bits, group = str(row.deploy_bits), row.deploy_group_size
+        if "bits" in sel and str(sel["bits"]) not in (bits, bits.split("+")[0]):
+            return False
+    else:
+        group = row.group_size
+        if "bits" in sel and str(row.bits) != str(sel["bits"]):
+            return False
+    if "group" in sel and (pd.isna(group) or int(group) != int(sel["group"])):
         return False
     if "rank" in sel and (pd.isna(row.rank) or int(row.rank) != int(sel["rank"])):
         return False
-    if "quant" in sel and quant_of.get(row.config_id) != sel["quant"]:
-        return False
-    return True
+    return not ("quant" in sel and quant_of.get(row.config_id) != sel["quant"])
 
 
 def _label(sel: Mapping) -> str:
@@ -248,7 +255,7 @@ def claims_table(df: pd.DataFrame, agg: pd.DataFrame, claims: Sequence[Mapping])
 def _recorded(df: pd.DataFrame, sel: Mapping, metric: str, quant_of: Mapping) -> float | None:
     runs = df.drop_duplicates("run_id")
     vals = [getattr(r, metric) for r in runs.itertuples(index=False)
-            if _matches_run(r, sel, quant_of) and not pd.isna(getattr(r, metric))]
+            if _matches(r, sel, quant_of) and not pd.isna(getattr(r, metric))]
     return float(vals[0]) if vals else None
 
 
@@ -256,18 +263,6 @@ def _same_labels(row, sel: Mapping) -> bool:
     """The model and data as the tables name them (``model``: the last part of the model's name, e.g. ``llama-7b`` for
     huggyllama/llama-7b, ``Llama-2-7b-hf``; ``data``: its source, e.g. ``alpaca``), where the selector names them."""
     return all(str(getattr(row, k)) == str(sel[k]) for k in ("model", "data") if k in sel)
-
-
-def _matches_run(r, sel: Mapping, quant_of: Mapping) -> bool:
-    if r.method != sel["method"] or not _same_labels(r, sel):
-        return False
-    if "bits" in sel and str(r.bits) != str(sel["bits"]):
-        return False
-    if "group" in sel and (pd.isna(r.group_size) or int(r.group_size) != int(sel["group"])):
-        return False
-    if "rank" in sel and (pd.isna(r.rank) or int(r.rank) != int(sel["rank"])):
-        return False
-    return not ("quant" in sel and quant_of.get(r.config_id) != sel["quant"])
 
 
 def _differing(ca: dict, cb: dict, keep: Mapping) -> tuple[int, int]:
