@@ -69,11 +69,11 @@ def _with_defaults(method, saved: dict) -> dict:
 def _prepared_method(model: nn.Module, d: Path, cfg: dict):
     """The method of the adapter described by ``cfg``: the model's own (which must be the same method with the same
     hyperparameters), or, for an unprepared model, built from ``cfg`` and prepared on it."""
-    from .registry import build
+    from .registry import from_config
 
     method = getattr(model, "qft_method", None)
     if method is None:
-        method = build(cfg["method"], **cfg["hyperparameters"])
+        method = from_config({"name": cfg["method"], **cfg["hyperparameters"]})
         method.prepare(model)
     elif method.name != cfg["method"] or method.hp != _with_defaults(method, cfg["hyperparameters"]):
         raise ConfigError(f"load_adapter: the model was prepared with {method!r} but {d} holds an adapter of "

@@ -317,7 +317,9 @@ class Method:
             return gptq_quantize_model(model, [n for n, _ in layers], scheme, list(calibration),
                                        group_params={"updated": "updated", "released": "reference"}[
                                            self.hp.get("gptq_groups", "updated")])
-        return {name: scheme.make_linear(mod) for name, mod in layers}
+        from .quant.modules import make_linear
+
+        return {name: make_linear(scheme, mod) for name, mod in layers}
 
     def wrap_layer(self, name: str, base: nn.Module, adapter_dtype: torch.dtype) -> nn.Module:
         g = self.geometry()
@@ -335,7 +337,7 @@ class Method:
     def merge_dense(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         """Merge every adapter into a dense 16-bit weight ``dequantize(base) + ΔW`` (the ``fp16-merge`` mode of
         every method, and what the "merged then re-quantized" baselines re-quantize). In place."""
-        from .quant.scheme import dequantize_module
+        from .quant.modules import dequantize_module
         dtype = dtype or torch.float16
         for name, mod in list(model.named_modules()):
             if isinstance(mod, AdapterLinear):
@@ -356,7 +358,7 @@ def weight_error(original: nn.Module, base: nn.Module) -> float:
     """Relative weight error of a frozen base: ``||W - W_base||_F / ||W||_F``, with ``W_base`` the weight the base
     computes with (dequantized; for LoftQ the quantized residual, without its adapter initialisation). 0 for a
     16-bit base."""
-    from .quant.scheme import dequantize_module
+    from .quant.modules import dequantize_module
 
     with torch.no_grad():
         w = original.weight.detach().float()

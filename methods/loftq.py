@@ -25,6 +25,7 @@ from torch import nn
 from .adapter import AdapterLinear, PooledAdapter, layer_generator
 from .base import ALPHA, DROPOUT, RANK, SEED, TARGETS, Geometry, Hyper, Method
 from .errors import ConfigError
+from .quant.modules import make_linear
 from .quant.scheme import QuantScheme
 
 
@@ -140,7 +141,7 @@ class LoftQ(Method):
             tmp.weight.data.copy_(target)
             if mod.bias is not None:
                 tmp.bias.data.copy_(mod.bias.detach().float())
-            bases[name] = scheme.make_linear(tmp, compute_dtype=mod.weight.dtype)
+            bases[name] = make_linear(scheme, tmp, compute_dtype=mod.weight.dtype)
             self._init[name] = (a, b)
             self.loftq_report[name] = errors
             # the error the fine-tuning starts from: the returned iterate's (the best, or peft's last)

@@ -254,7 +254,7 @@ class Peft(Method):
 
     def merge_dense(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         """peft's ``merge_and_unload``; on the NF4 base into the de-quantized NF4 weights (see module docstring)."""
-        from .quant.scheme import dequantize_module
+        from .quant.modules import dequantize_module
 
         dtype = dtype or torch.float16
         pm = model.__dict__.get("qft_peft")

@@ -5,6 +5,7 @@ Adding a method takes one file in ``methods/`` and one line here (README, "Addin
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Any
 
 from .errors import ConfigError, did_you_mean
@@ -45,3 +46,13 @@ def get(name: str) -> type:
 def build(name: str, **hyperparameters: Any):
     """Build a method: ``build("qalora", rank=64, alpha=16, bits=4, group_size=32)``."""
     return get(name)(**hyperparameters)
+
+
+def from_config(section: Mapping[str, Any]):
+    """The Method of a run config's ``method`` section, ``{"name": "qalora", "rank": 64, ...}``: the one place
+    the suite builds a Method from a config (the sweep's checks, the pipeline's steps, the accounting, the
+    adapter records all call this)."""
+    if not isinstance(section, Mapping) or "name" not in section:
+        raise ConfigError(f"method: {section!r} has no name; write method: {{name: <one of {', '.join(REGISTRY)}>, "
+                          "...hyperparameters}.")
+    return build(section["name"], **{k: v for k, v in section.items() if k != "name"})

@@ -12,6 +12,7 @@ from torch import nn
 
 from .base import _set_module
 from .errors import ConfigError
+from .quant.modules import make_linear
 
 
 def requantize(model: nn.Module, layers: Iterable[str], scheme, quantizer: str = "gptq",
@@ -35,5 +36,5 @@ def requantize(model: nn.Module, layers: Iterable[str], scheme, quantizer: str =
         raise ConfigError(f"requantize: quantizer={quantizer!r} is not 'gptq' or 'rtn'.")
     for name in layers:
         mod = model.get_submodule(name)
-        _set_module(model, name, scheme.make_linear(mod.float() if mod.weight.dtype == torch.float16 else mod))
+        _set_module(model, name, make_linear(scheme, mod.float() if mod.weight.dtype == torch.float16 else mod))
     return model

@@ -229,7 +229,7 @@ def account(model: Any, method: Any, *, seq_len: int = DEFAULT_SEQ_LEN, **hp: An
     import methods
 
     if isinstance(method, str):
-        method = methods.build(method, **hp)
+        method = methods.from_config({"name": method, **hp})
     elif hp:
         raise ConfigError("hyperparameters are given by the built method; do not pass them again to account().")
     name, cfg = load_config(model)

@@ -129,3 +129,27 @@ def report_step(results: str | os.PathLike, run_ids: list[str], tables_dir: str 
     missing = [r for r in run_ids if len(df) == 0 or r not in set(df["run_id"])]
     return {"tables": [str(p) for p in written], "figures": [str(p) for p in figs], "runs": len(run_ids),
             "runs_without_results": missing}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m qftbench.collate",
+                                 description="tables and figures of every finished run under a results folder")
+    ap.add_argument("results", help="results folder (holding runs/)")
+    ap.add_argument("out", help="output folder: long.csv, tables/, figures/")
+    ap.add_argument("--paper-csv", default=None, help=f"published numbers (default: {report.PAPER_CSV})")
+    ap.add_argument("--no-figures", action="store_true")
+    a = ap.parse_args(argv)
+    df = report.collect(a.results)
+    out = Path(a.out)
+    report._atomic_write(out / "long.csv", df.to_csv(index=False))
+    paths = report.write_tables(report.tables(df, a.paper_csv), out / "tables")
+    if not a.no_figures:
+        paths += plots.make_figures(df, out / "figures")
+    print(f"{df['run_id'].nunique()} finished runs, {len(df)} rows; wrote {len(paths)} files under {out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -193,9 +193,8 @@ def resolve(raw: dict | None, where: str = "config") -> dict:
     errors = sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError(_explain(errors[0], where))
-    hp = {k: v for k, v in cfg["method"].items() if k != "name"}
     try:
-        method = methods.build(cfg["method"]["name"], **hp)
+        method = methods.from_config(cfg["method"])
     except ConfigError as e:
         raise ConfigError(f"{where}: method: {e}") from None
     cfg["method"] = {"name": method.name, **method.hp}

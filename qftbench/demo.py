@@ -71,7 +71,7 @@ def run(method_names=None, steps: int = 60, rank: int = 8, lr: float = 3e-3, see
             hp["iters"] = 2
         if name == "peft":  # peft's LoRA on the NF4 base, as qlora (any peft config fits here)
             hp = {"base": "nf4", "peft": {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank}}
-        m = methods.build(name, **hp)
+        m = methods.from_config({"name": name, **hp})
         t0 = time.perf_counter()
         model = m.prepare(copy.deepcopy(base))
         loss0, acc0 = evaluate(model, test)

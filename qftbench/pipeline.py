@@ -67,7 +67,7 @@ def base_dir(cfg) -> Path:
 
 
 def build_method(cfg):
-    return methods.build(cfg["method"]["name"], **{k: v for k, v in cfg["method"].items() if k != "name"})
+    return methods.from_config(cfg["method"])
 
 
 def _base_method(cfg) -> dict:

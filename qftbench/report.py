@@ -6,7 +6,8 @@
     report.write_tables(tabs, "results/tables")         # <name>.csv, <name>.md, <name>.tex for every table
     plots.make_figures(df, "results/figures")
 
-or ``python -m qftbench.report results results/report``.
+or ``python -m qftbench.collate results results/report`` (long.csv, tables/ and figures/ of every run under
+``results/runs``; the workflow's own step is :func:`qftbench.collate.report_step`).
 
 Values are accuracies in percent (as the papers print them). Runs that differ only in their seeds (the
 top-level ``seed``, ``method.seed``, ``data.seed``, ``calibration.seed``) share a ``config_id``; every table
@@ -37,6 +38,9 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 import yaml
+
+# the requantization setting's defaults and its mode names (requant-w<bits>g<group>[-rtn]): the config's own
+from .config import REQUANT_DEFAULTS as DEFAULT_REQUANT, REQUANT_MODE_RE
 
 PAPER_CSV = Path(__file__).resolve().parent / "reference" / "paper_results.csv"
 
@@ -77,12 +81,16 @@ PAPER_METHODS: dict[str, tuple[str, str] | None] = {
     "base": ("base", "base"),
     "base w/ GPTQ": ("base", "base"),
 }
-#: a suite method's own deployment mode (as methods.<name>.deploy), for runs whose accounting lacks it
-DEPLOY_MODE = {"lora": "fp16-merge", "qlora": "4+16", "loftq": "4+16", "qbara": "4+16", "qalora": "int-merge",
-               "qahira": "int-merge", "qahira-ref": "int-merge", "peqa": "int-merge", "base": "base"}
-DEFAULT_REQUANT = {"bits": 4, "group_size": 32, "quantizer": "gptq"}  # = qftbench.config.REQUANT_DEFAULTS
-#: ``requant-w<bits>g<group>[-rtn]``: one entry of an ``eval.requant`` list (= qftbench.config.REQUANT_MODE_RE)
-REQUANT_MODE_RE = re.compile(r"^requant-w(\d+)g(\d+)(-rtn)?$")
+def _own_deploy(name: str | None) -> str:
+    """A registered method's own deployment mode (its class attribute ``deploy``), for runs whose accounting
+    lacks it; "" for a name the registry does not know (peft's table names: their accounting records it)."""
+    import methods
+
+    try:
+        deploy = methods.get(str(name)).deploy
+    except methods.ConfigError:
+        return ""
+    return deploy if isinstance(deploy, str) else ""
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -292,7 +300,7 @@ def _run_info(rd: Path) -> dict | None:
         "lr": _float_or_none((cfg.get("train") or {}).get("lr")),
         "seed": _int_or_none(cfg.get("seed")),
         "alpha": float(m["alpha"]) if isinstance(m.get("alpha"), (int, float)) else None,
-        "deploy_mode": acc.get("deploy") or DEPLOY_MODE.get(m.get("name"), ""),
+        "deploy_mode": acc.get("deploy") or _own_deploy(m.get("name")),
         "config_id": config_id(cfg),
         "lr_group": config_id(cfg, without_lr=True),
         "run_dir": str(rd.resolve()),
@@ -1367,28 +1375,3 @@ def write_tables(tabs: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike) -
             _atomic_write(p, text)
             paths.append(p)
     return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m qftbench.report", description=__doc__.split("\n")[0])
-    ap.add_argument("results", help="results folder (holding runs/)")
-    ap.add_argument("out", help="output folder: long.csv, tables/, figures/")
-    ap.add_argument("--paper-csv", default=None, help=f"published numbers (default: {PAPER_CSV})")
-    ap.add_argument("--no-figures", action="store_true")
-    a = ap.parse_args(argv)
-    df = collect(a.results)
-    out = Path(a.out)
-    _atomic_write(out / "long.csv", df.to_csv(index=False))
-    paths = write_tables(tables(df, a.paper_csv), out / "tables")
-    if not a.no_figures:
-        from .plots import make_figures
-
-        paths += make_figures(df, out / "figures")
-    print(f"{df['run_id'].nunique()} finished runs, {len(df)} rows; wrote {len(paths)} files under {out}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -397,7 +397,7 @@ def _check_shapes(model: dict, cfg: dict, where: str) -> None:
     shapes = _model_shapes(model)
     if shapes is None:  # an unknown hub model: checked by the first job, before any compute
         return
-    m = methods.build(cfg["method"]["name"], **{k: v for k, v in cfg["method"].items() if k != "name"})
+    m = methods.from_config(cfg["method"])
     targets = m.hp.get("targets", "all-linear")
     if targets != "all-linear":
         ts = [targets] if isinstance(targets, str) else targets
@@ -431,7 +431,7 @@ def eval_jobs(cfg: dict) -> list[dict]:
 
     from . import pipeline as P
 
-    method = methods.build(cfg["method"]["name"], **{k: v for k, v in cfg["method"].items() if k != "name"})
+    method = methods.from_config(cfg["method"])
     modes = []
     for m in C.eval_modes(cfg):
         m = method.deploy if m == "deploy" else m

@@ -298,7 +298,7 @@ def test_dense_merge(name):
 def test_loftq_reduces_error_monotonically(hp):
     """||W − (Q + s·B·A)|| < ||W − Q||, and the prepared layer's error does not increase with iters."""
     from methods.loftq import loftq_decompose
-    from methods.quant.scheme import dequantize_module
+    from methods.quant.modules import dequantize_module, make_linear
 
     torch.manual_seed(0)
     w = torch.randn(160, 96) * 0.05 + 0.2 * torch.randn(160, 4) @ torch.randn(4, 96) / 4  # some low-rank structure
@@ -313,7 +313,7 @@ def test_loftq_reduces_error_monotonically(hp):
         target, a, b, _ = loftq_decompose(w, scheme, R, m.scaling, iters=t)
         lin = torch.nn.Linear(96, 160, bias=False)
         lin.weight.data.copy_(target)
-        recon = dequantize_module(scheme.make_linear(lin)) + m.scaling * b @ a  # the deployed base + adapter
+        recon = dequantize_module(make_linear(scheme, lin)) + m.scaling * b @ a  # the deployed base + adapter
         achieved.append(float((w - recon).norm()))
     assert achieved[0] < q_err
     for x, y in zip(achieved, achieved[1:]):
@@ -321,7 +321,7 @@ def test_loftq_reduces_error_monotonically(hp):
 
 
 def test_loftq_prepared_layer_reconstructs_weight():
-    from methods.quant.scheme import dequantize_module
+    from methods.quant.modules import dequantize_module
 
     orig = make_tiny_llama()
     w = layer(orig).weight.detach().clone()

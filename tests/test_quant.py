@@ -15,7 +15,7 @@ from torch import nn
 from methods.errors import ConfigError, ShapeError
 from methods.quant import (
     QuantLinear, QuantScheme, bnb_nf4_fake_quant, dequantize_linear4bit, dequantize_module, int_quantize,
-    is_quantized, codebook, nf_codebook, nf_dequantize, nf_fake_quant, nf_quantize, pack, packed_nbytes, to_linear4bit, unpack,
+    is_quantized, make_linear, codebook, nf_codebook, nf_dequantize, nf_fake_quant, nf_quantize, pack, packed_nbytes, to_linear4bit, unpack,
 )
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -229,7 +229,7 @@ def test_int_rtn_matches_reference(bits, blk):
     w = rand_w(16, 64, seed=bits)
     w[:8, :32] = 0.125  # constant blocks for every tiling: scale 1, represented exactly
     ref_codes, ref_deq = reference_int_rtn(w, bits, scheme.block())
-    m = scheme.make_linear(linear_from(w))
+    m = make_linear(scheme, linear_from(w))
     assert torch.equal(m.codes(), ref_codes)
     torch.testing.assert_close(m.dequantize(), ref_deq, rtol=0, atol=1e-6)
     torch.testing.assert_close(scheme.fake_quant(w), ref_deq, rtol=0, atol=1e-6)
@@ -245,7 +245,7 @@ def test_int_rtn_matches_reference(bits, blk):
 def test_int_at_most_2k_distinct_values_per_block(bits, blk):
     scheme = QuantScheme("int", bits, **blk)
     w = rand_w(32, 64, seed=7)
-    deq = scheme.make_linear(linear_from(w)).dequantize()
+    deq = make_linear(scheme, linear_from(w)).dequantize()
     to, ti = scheme.block()
     blocks = deq.reshape(32 // to, to, 64 // ti, ti).permute(0, 2, 1, 3).reshape(-1, to * ti)
     counts = [b.unique().numel() for b in blocks]
@@ -268,7 +268,7 @@ LINEAR_SCHEMES = [
 def test_quantlinear_forward_equals_linear_with_dequantized_weight(scheme, dtype, ndim):
     w = rand_w(48, 64, seed=3)
     lin = linear_from(w)
-    m = scheme.make_linear(lin)
+    m = make_linear(scheme, lin)
     assert isinstance(m, QuantLinear) and is_quantized(m)
     assert list(m.parameters()) == []
     torch.testing.assert_close(m.dequantize(), scheme.fake_quant(w), rtol=0, atol=0)
@@ -300,7 +300,7 @@ def test_quantlinear_compute_dtype_and_float32_statistics():
 @pytest.mark.parametrize("scheme", LINEAR_SCHEMES, ids=lambda s: s.label())
 @pytest.mark.parametrize("bias", [True, False])
 def test_quantlinear_state_dict_roundtrip(scheme, bias):
-    m = scheme.make_linear(linear_from(rand_w(40, 64, seed=5), bias=bias))
+    m = make_linear(scheme, linear_from(rand_w(40, 64, seed=5), bias=bias))
     sd = m.state_dict()
     assert sd["qweight"].dtype == torch.uint8 and sd["qweight"].dim() == 1
     assert sd["qweight"].numel() == packed_nbytes(40 * 64, scheme.bits)
@@ -324,7 +324,7 @@ def test_from_quantized_equals_from_linear_and_checks_inputs():
     lin = linear_from(rand_w(16, 32))
     codes, scale, zero = int_quantize(lin.weight, 3, (8, 4))
     a = QuantLinear.from_quantized(codes, scheme, scales=scale, zeros=zero, bias=lin.bias)
-    b = scheme.make_linear(lin)
+    b = make_linear(scheme, lin)
     assert torch.equal(a.dequantize(), b.dequantize()) and torch.equal(a.bias, b.bias)
     nf = QuantScheme("nf", 2)
     c, am = nf_quantize(lin.weight, 2)
@@ -344,7 +344,7 @@ def test_from_quantized_equals_from_linear_and_checks_inputs():
 def test_scale_delta_is_the_only_trainable_parameter_and_merges_exactly():
     scheme = QuantScheme("int", 4, group_size=16)
     lin = linear_from(rand_w(24, 32))
-    m = scheme.make_linear(lin)
+    m = make_linear(scheme, lin)
     scales0, zeros0, q0 = m.scales.clone(), m.zeros.clone(), m.qweight.clone()
     delta = m.enable_scale_training()
     assert [n for n, p in m.named_parameters()] == ["scale_delta"]
@@ -378,7 +378,7 @@ def test_scale_delta_is_the_only_trainable_parameter_and_merges_exactly():
 
 def test_state_dict_with_scale_delta_loads_into_skeleton():
     scheme = QuantScheme("int", 2, tile=(8, 4))
-    m = scheme.make_linear(linear_from(rand_w(16, 16)))
+    m = make_linear(scheme, linear_from(rand_w(16, 16)))
     with torch.no_grad():
         m.enable_scale_training().fill_(0.01)
     skel = QuantLinear(16, 16, scheme, bias=True)
@@ -390,7 +390,7 @@ def test_state_dict_with_scale_delta_loads_into_skeleton():
 
 @pytest.mark.parametrize("scheme", [QuantScheme("nf", 4), QuantScheme("nf", 2)], ids=lambda s: s.label())
 def test_scale_training_needs_int_kind(scheme):
-    m = scheme.make_linear(linear_from(rand_w(8, 64)))
+    m = make_linear(scheme, linear_from(rand_w(8, 64)))
     with pytest.raises(ConfigError, match=r"scale training \(PEQA\) needs kind='int' scales; this layer is kind='nf'"):
         m.enable_scale_training()
 
@@ -405,7 +405,7 @@ def test_bnb_linear4bit_is_nf4_double_quant_block64(shape, dtype):
     w = rand_w(*shape, seed=11, dtype=dtype)
     lin = linear_from(w)
     w_before = lin.weight.detach().clone()
-    m = scheme.make_linear(lin)
+    m = make_linear(scheme, lin)
     assert isinstance(m, bnb.nn.Linear4bit) and is_quantized(m)
     assert torch.equal(lin.weight, w_before)
     assert all(not p.requires_grad for p in m.parameters())
@@ -496,7 +496,7 @@ def test_stored_bits_per_param_gptq_counts_what_the_export_writes(bits):
 
     d_out, d_in = 64, 256
     scheme = QuantScheme("int", bits, group_size=32)
-    ql = scheme.make_linear(linear_from(rand_w(d_out, d_in), bias=False))
+    ql = make_linear(scheme, linear_from(rand_w(d_out, d_in), bias=False))
     t = to_gptq_tensors(ql)
     written = sum(t[k].numel() * t[k].element_size() * 8 for k in ("qweight", "qzeros", "scales"))
     assert scheme.stored_bits_per_param(d_out, d_in, format="gptq") == written / (d_out * d_in)
@@ -509,7 +509,7 @@ def test_stored_bits_per_param_gptq_counts_what_the_export_writes(bits):
 def test_stored_bits_per_param_deployed_counts_fp16_statistics(scheme):
     """Deployed INT: the module's codes at k bits each and its scales and float zeros cast to fp16."""
     d_out, d_in = 40, 128
-    m = scheme.make_linear(linear_from(rand_w(d_out, d_in), bias=False))
+    m = make_linear(scheme, linear_from(rand_w(d_out, d_in), bias=False))
     bits = scheme.bits * m.codes().numel() + sum(b.half().numel() * 16 for b in (m.scales, m.zeros))
     assert scheme.stored_bits_per_param(d_out, d_in) == pytest.approx(bits / (d_out * d_in), rel=1e-12)
 
@@ -518,7 +518,7 @@ def test_stored_bits_per_param_deployed_counts_fp16_statistics(scheme):
 def test_stored_bits_per_param_counts_what_the_module_stores(scheme):
     """format='working': the suite's fp32 working copies, exactly what the module holds in memory."""
     d_out, d_in = 40, 128
-    m = scheme.make_linear(linear_from(rand_w(d_out, d_in), bias=False))
+    m = make_linear(scheme, linear_from(rand_w(d_out, d_in), bias=False))
     if scheme.kind == "bnb-nf4":
         qs = m.weight.quant_state
         bits = 8 * m.weight.numel() + 8 * qs.absmax.numel() + 32 * qs.state2.absmax.numel() + 32 * qs.offset.numel()
@@ -587,7 +587,7 @@ def test_shape_error_smollm2_hidden_576_group_128():
     with pytest.raises(ShapeError, match=re.escape(msg) + "$"):
         scheme.check_layer("model.layers.0.self_attn.q_proj", 576, 576)
     with pytest.raises(ShapeError, match=re.escape(msg)):
-        scheme.make_linear(nn.Linear(576, 576), name="model.layers.0.self_attn.q_proj")
+        make_linear(scheme, nn.Linear(576, 576), name="model.layers.0.self_attn.q_proj")
     scheme.check_layer("model.layers.0.mlp.down_proj", 576, 1536)  # 1536 = 12 * 128 is fine
 
 
@@ -609,7 +609,7 @@ def test_shape_errors(scheme, shape, message):
 def test_nf_kinds_accept_any_shape(scheme):
     scheme.check_layer("odd", 7, 9)
     lin = linear_from(rand_w(7, 9))
-    m = scheme.make_linear(lin)
+    m = make_linear(scheme, lin)
     x = torch.randn(2, 9)
     torch.testing.assert_close(m(x), F.linear(x, scheme.fake_quant(lin.weight), lin.bias.detach()))
 
@@ -635,7 +635,7 @@ def test_quantize_all_projections_of_tiny_llama(tiny_model, scheme):
     assert len(targets) == 14
     for name, lin in targets:
         parent = tiny_model.get_submodule(name.rsplit(".", 1)[0])
-        setattr(parent, name.rsplit(".", 1)[1], scheme.make_linear(lin, name=name))
+        setattr(parent, name.rsplit(".", 1)[1], make_linear(scheme, lin, name=name))
     assert sum(is_quantized(m) for m in tiny_model.modules()) == 14
     assert all(not p.requires_grad or "lm_head" in n or "embed" in n or "norm" in n
                for n, p in tiny_model.named_parameters())

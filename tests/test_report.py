@@ -305,10 +305,23 @@ def test_figures(df, tmp_path):
 
 
 def test_report_cli(results, tmp_path):
-    assert R.main([str(results), str(tmp_path / "out"), "--no-figures"]) == 0
+    """``python -m qftbench.collate results out`` writes the long frame and the tables that the library computes
+    from the same runs (contents compared, not only existence)."""
+    from qftbench import collate
+
+    assert collate.main([str(results), str(tmp_path / "out"), "--no-figures"]) == 0
     long = pd.read_csv(tmp_path / "out" / "long.csv")
-    assert long["run_id"].nunique() == 6
-    assert (tmp_path / "out" / "tables" / "mmlu.md").is_file()
+    df = R.collect(results)
+    assert long["run_id"].nunique() == 6 and len(long) == len(df)
+    pd.testing.assert_frame_equal(long[["run_id", "task", "metric", "value"]].reset_index(drop=True),
+                                  df[["run_id", "task", "metric", "value"]].reset_index(drop=True),
+                                  check_dtype=False)
+    tabs = R.tables(df)
+    for name in ("mmlu", "commonsense", "efficiency"):
+        written = pd.read_csv(tmp_path / "out" / "tables" / f"{name}.csv", dtype=str, keep_default_na=False)
+        want = R.display_frame(tabs[name])
+        assert list(written.columns) == [str(c) for c in want.columns]
+        assert len(written) == len(want) and (tmp_path / "out" / "tables" / f"{name}.md").is_file()
 
 
 def test_deployment_of_requant_modes():

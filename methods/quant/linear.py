@@ -49,7 +49,7 @@ class QuantLinear(nn.Module):
             raise ConfigError(f"scheme={scheme!r} must be a QuantScheme, e.g. QuantScheme('int', 4, group_size=32).")
         if scheme.kind == "bnb-nf4":
             raise ConfigError(
-                "QuantLinear does not store kind='bnb-nf4'; use scheme.make_linear(linear) (a bitsandbytes "
+                "QuantLinear does not store kind='bnb-nf4'; use methods.quant.make_linear(scheme, linear) (a bitsandbytes "
                 "Linear4bit) or kind='nf' with bits=4 for the suite's own NF4."
             )
         scheme.check_layer(name, out_features, in_features)

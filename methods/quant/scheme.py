@@ -39,11 +39,9 @@ keeps them exact, which is why it is the reported number.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..errors import ConfigError, ShapeError, did_you_mean
 from .bnb import BNB_BLOCKSIZES, linear4bit_stored_bits
@@ -183,7 +181,7 @@ class QuantScheme:
 
     # ------------------------------------------------------------------ compute
     def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
-        """float32 weight that the module built by :meth:`make_linear` dequantizes to."""
+        """float32 weight that the module built by :func:`methods.quant.modules.make_linear` dequantizes to."""
         if self.kind == "int":
             self.check_layer("<weight>", *w.shape)
             return int_fake_quant(w.detach().float(), self.bits, self.block())
@@ -192,18 +190,6 @@ class QuantScheme:
         from .bnb import bnb_nf4_fake_quant
 
         return bnb_nf4_fake_quant(w, blocksize=self.blocksize)
-
-    def make_linear(self, linear: nn.Linear, compute_dtype: torch.dtype | None = None, *,
-                    name: str = "<linear>") -> nn.Module:
-        """Frozen quantized copy of ``linear`` (bias kept): QuantLinear for int/nf, bnb Linear4bit for bnb-nf4."""
-        self.check_layer(name, linear.out_features, linear.in_features)
-        if self.kind == "bnb-nf4":
-            from .bnb import to_linear4bit
-
-            return to_linear4bit(linear, compute_dtype, blocksize=self.blocksize)
-        from .linear import QuantLinear
-
-        return QuantLinear.from_linear(linear, self, compute_dtype, name=name)
 
     def bit_formats(self) -> tuple[str, ...]:
         """The ``format=`` values :meth:`stored_bits_per_param` accepts for this scheme (``"gptq"`` only for INT
@@ -218,7 +204,7 @@ class QuantScheme:
 
         - ``"deployed"`` (default): the format a user deploys: INT with fp16 scale and fp16 float zero per block
           (``k + 32/g``), own NF with fp32 absmax per block, bnb-nf4 as bitsandbytes stores it;
-        - ``"working"``: what the module from :meth:`make_linear` holds in memory (the suite's fp32 working
+        - ``"working"``: what the module from ``make_linear`` holds in memory (the suite's fp32 working
           copies: densely packed codes plus float32 scales and zeros / absmax; bnb-nf4 as stored);
         - ``"gptq"``: the GPTQ checkpoint of :mod:`methods.quant.export` (INT row groups only): ``k`` bits per
           code, fp16 scale and k-bit packed integer zero per group, ``k + (16 + k)/g``.
@@ -259,37 +245,3 @@ class QuantScheme:
         if self.kind in ("nf", "fp"):
             return f"{self.kind}{self.bits}-b{self.blocksize}"
         return f"bnb-nf4-dq-b{self.blocksize}"
-
-
-def _is_linear4bit(module: nn.Module) -> bool:
-    if "bitsandbytes" not in sys.modules:  # nothing can be a Linear4bit before bitsandbytes is imported
-        return False
-    import bitsandbytes as bnb
-
-    return isinstance(module, bnb.nn.Linear4bit)
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """True for a QuantLinear or a bitsandbytes Linear4bit."""
-    from .linear import QuantLinear
-
-    return isinstance(module, QuantLinear) or _is_linear4bit(module)
-
-
-def dequantize_module(module: nn.Module) -> torch.Tensor:
-    """float32 weight ``(D_out, D_in)`` of a QuantLinear, a bnb Linear4bit or a plain nn.Linear (detached)."""
-    from .linear import QuantLinear
-
-    if isinstance(module, QuantLinear):
-        with torch.no_grad():
-            return module.dequantize(torch.float32)
-    if _is_linear4bit(module):
-        from .bnb import dequantize_linear4bit
-
-        return dequantize_linear4bit(module)
-    if isinstance(module, nn.Linear):
-        return module.weight.detach().float()
-    raise TypeError(
-        f"dequantize_module() takes a QuantLinear, a bitsandbytes Linear4bit or an nn.Linear, "
-        f"got {type(module).__name__}."
-    )
