@@ -27,7 +27,7 @@ MANIFEST = "base_manifest.json"
 
 def save_quantized_base(model: nn.Module, directory: str | os.PathLike, method=None) -> Path:
     from .quant.linear import QuantLinear
-    from .quant.scheme import _is_linear4bit
+    from .quant.modules import _is_linear4bit
 
     info = getattr(model, "qft_base", None)
     if info is None:
