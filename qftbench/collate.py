@@ -74,8 +74,9 @@ def runs_frame(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def html_page(tabs: dict, runs: pd.DataFrame, name: str) -> str:
-    """One self-contained HTML page with every table and the runs' provenance (for ``snakemake --report``)."""
+def html_page(tabs: dict, runs: pd.DataFrame | None, name: str) -> str:
+    """One self-contained HTML page with every table and the runs' provenance (for ``snakemake --report``);
+    ``runs=None``: the tables only (the claims page)."""
     import html
 
     parts = [f"<html><head><meta charset='utf-8'><title>qftbench: {html.escape(name)}</title>"
@@ -84,8 +85,8 @@ def html_page(tabs: dict, runs: pd.DataFrame, name: str) -> str:
              " .v-supported{background:#d9f2d9} .v-contradicted{background:#f7d4d4}"
              " .v-inconclusive{background:#eeeeee} nav a{margin-right:1em}</style></head><body>",
              f"<h1>qftbench sweep <code>{html.escape(name)}</code></h1><p>{html.escape(CELLS_NOTE)}</p>",
-             "<nav>" + "".join(f"<a href='#{html.escape(t)}'>{html.escape(t)}</a>" for t in [*tabs, "runs"])
-             + "</nav>"]
+             "<nav>" + "".join(f"<a href='#{html.escape(t)}'>{html.escape(t)}</a>"
+                               for t in [*tabs, *(["runs"] if runs is not None else [])]) + "</nav>"]
     for t, frame in tabs.items():
         parts.append(f"<h2 id='{html.escape(t)}'>{html.escape(t)}</h2>")
         if t in TABLE_NOTES:
@@ -95,8 +96,9 @@ def html_page(tabs: dict, runs: pd.DataFrame, name: str) -> str:
             for v in ("supported", "contradicted", "inconclusive"):
                 table = table.replace(f"<td>{v}</td>", f"<td class='v-{v}'>{v}</td>")
         parts.append(table)
-    parts.append("<h2 id='runs'>runs and provenance</h2>")
-    parts.append(runs.to_html(index=False, escape=True, border=0, na_rep=""))
+    if runs is not None:
+        parts.append("<h2 id='runs'>runs and provenance</h2>")
+        parts.append(runs.to_html(index=False, escape=True, border=0, na_rep=""))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -120,6 +122,10 @@ def report_step(results: str | os.PathLike, run_ids: list[str], tables_dir: str 
     index = Path(tables_dir) / "index.html"
     report._atomic_write(index, html_page(tabs, runs_frame(df) if len(df) else pd.DataFrame(), name))
     written.append(index)
+    if "claims" in tabs:  # the claims table alone: the Claims entry of snakemake --report
+        page = Path(tables_dir) / "claims.html"
+        report._atomic_write(page, html_page({"claims": tabs["claims"]}, None, name))
+        written.append(page)
     fig_dir = Path(figures_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
     figs = plots.make_figures(df, fig_dir) if len(df) else []

@@ -89,5 +89,6 @@ def all_targets():
     return (
         [f"{OUT['tables']}/{t}.{ext}" for t in TABLES for ext in ("csv", "md", "tex")]
         + [f"{OUT['tables']}/index.html"]
+        + ([f"{OUT['tables']}/claims.html"] if "claims" in TABLES else [])
         + [f"{OUT['figures']}/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")]
     )
