@@ -81,8 +81,11 @@ def _per_config(rows: pd.DataFrame) -> pd.DataFrame:
     """Mean, std and the 95% interval over items and seeds (:func:`qftbench.report.aggregate`) of the accuracy,
     and the mean accounting, per configuration. ``err_lo``/``err_hi``: the error bar below/above the mean (the
     interval where the runs stored per-item records, else ± 1 std over seeds, else none)."""
-    keys = ["model", "data", "method", "mode", "deploy_bits", "deploy_group_size", "rank", "alpha", "config_id"]
+    keys = ["model", "data", "method", "mode", "deploy_bits", "deploy_group_size", "rank", "alpha", "config_id",
+            "quant"]
     r = rows.copy()
+    if "quant" not in r:
+        r["quant"] = None
     r[keys] = r[keys].astype(object).where(r[keys].notna(), "")
     agg = R.aggregate(r, keys=keys + ["task", "shots", "category", "metric"])
     out = agg.groupby(keys, sort=True)[["mean", "std", "ci_lo", "ci_hi", "n_seeds"]].first()
@@ -102,6 +105,19 @@ def _series_label(row, multi_bits: bool) -> str:
         g = f" g{int(row.deploy_group_size)}" if str(row.deploy_group_size) not in ("", "<NA>") else ""
         lab += f" ({row.deploy_bits}-bit{g})"
     return lab
+
+
+FILLSTYLES = ("full", "none", "left", "bottom", "right", "top")
+
+
+def _fills(conf: pd.DataFrame, multi_bits: bool) -> dict[str, str]:
+    """Series label -> marker fill: one method's several settings (QA-LoRA at 4, 3 and 2 bits) share its colour
+    and marker, so each gets its own fill (full, open, half) and the legend tells them apart."""
+    out: dict[str, str] = {}
+    for _, g in conf.groupby("method", sort=True):
+        labels = sorted({_series_label(r, multi_bits) for r in g.itertuples(index=False)})
+        out.update({lab: FILLSTYLES[i % len(FILLSTYLES)] for i, lab in enumerate(labels)})
+    return out
 
 
 def _facets(conf: pd.DataFrame):
@@ -137,13 +153,22 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
+def base_label(r) -> str:
+    """The un-tuned model's legend entry, with its quantizer where it has one (two 4-bit bases, e.g. FP4 and INT4
+    g64, are told apart): ``base (un-tuned, 16-bit)``, ``base (un-tuned, int4-g64 rtn)``."""
+    quant = str(getattr(r, "quant", "") or "")
+    return f"base (un-tuned, {quant})" if quant and str(r.deploy_bits) != "16" else \
+        f"base (un-tuned, {r.deploy_bits}-bit)"
+
+
 def _flat_refs(ax, sub: pd.DataFrame, skip) -> None:
     """Configurations with no x value (the un-tuned base, PEQA without rank): horizontal reference lines."""
-    for r in sub[skip].itertuples(index=False):
+    dashes = [(5, 2), (2, 2), (8, 2, 2, 2), (1, 1), (6, 3, 1, 3)]  # one dash pattern per un-tuned base
+    for i, r in enumerate(sub[skip].itertuples(index=False)):
         color, _ = _style(r.method)
-        ax.axhline(r.mean, color=color, ls="--" if r.method == "base" else ":", lw=1.2,
-                   label=(f"base (un-tuned, {r.deploy_bits}-bit)" if r.method == "base"
-                          else METHOD_LABEL.get(r.method, r.method)))
+        ax.axhline(r.mean, color=color, lw=1.2, **({"dashes": dashes[i % len(dashes)]} if r.method == "base"
+                                                  else {"ls": ":"}),
+                   label=base_label(r) if r.method == "base" else METHOD_LABEL.get(r.method, r.method))
         if not pd.isna(r.err_lo):
             ax.axhspan(r.mean - r.err_lo, r.mean + r.err_hi, color=color, alpha=0.08)
 
@@ -156,11 +181,17 @@ def _scatter_figure(conf: pd.DataFrame, desc: str, short: str, x: str, xlabel: s
         xs = pd.to_numeric(sub[x], errors="coerce")
         has_x = (xs > 0).to_numpy()
         seen = set()
+        # configurations at the same x (same trainable parameters): dodged side by side, 1.5% apart on the log
+        # axis, so that their error bars do not hide each other; the x value each stands for is unchanged
+        same_x: dict[float, int] = {}
+        fills = _fills(sub[has_x], multi_bits)
         for r, xv in zip(sub[has_x].itertuples(index=False), xs[has_x]):
+            k = same_x[float(xv)] = same_x.get(float(xv), -1) + 1
+            xv = float(xv) * 1.015 ** k
             color, marker = _style(r.method)
             lab = _series_label(r, multi_bits)
             ax.errorbar(xv, r.mean, yerr=None if pd.isna(r.err_lo) else [[r.err_lo], [r.err_hi]], fmt=marker,
-                        color=color, ms=7,
+                        color=color, ms=7, fillstyle=fills[lab], mfc="white" if fills[lab] == "none" else color,
                         capsize=3, label=None if lab in seen else lab)
             seen.add(lab)
             if str(r.rank) not in ("", "<NA>"):
@@ -187,12 +218,13 @@ def _rank_figure(conf: pd.DataFrame, desc: str, short: str, out_dir: Path):
         s = sub[ranked].copy()
         s["rank_f"] = s["rank"].astype(float)
         s["series"] = [_series_label(r, multi_bits) for r in s.itertuples(index=False)]
+        fills = _fills(s, multi_bits)
         for lab, line in s.groupby("series", sort=False):
             line = line.sort_values("rank_f")
             color, marker = _style(line["method"].iloc[0])
             err = None if line["err_lo"].isna().all() else [line["err_lo"].fillna(0), line["err_hi"].fillna(0)]
-            ax.errorbar(line["rank_f"], line["mean"], yerr=err,
-                        fmt=f"-{marker}", color=color, capsize=3, ms=6, label=lab)
+            ax.errorbar(line["rank_f"], line["mean"], yerr=err, fmt=f"-{marker}", color=color, capsize=3, ms=6,
+                        fillstyle=fills[lab], mfc="white" if fills[lab] == "none" else color, label=lab)
         _flat_refs(ax, sub, ~ranked)
         ranks = sorted(s["rank_f"].unique())
         if ranks:
