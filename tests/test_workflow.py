@@ -200,7 +200,7 @@ def test_snakemake_report_is_one_browsable_html_file(tiny_sweep):
     for m in re.finditer(r"data:text/html(?:;[\w.=-]+?)*?(;base64)?,([A-Za-z0-9+/=%._~!$&'()*;:@-]+)", text):
         pages.append(base64.b64decode(m.group(2)).decode("utf-8", "replace") if m.group(1)
                      else urllib.parse.unquote(m.group(2)))
-    page = next((p for p in pages if "qftbench sweep" in p), None)
+    page = next((p for p in pages if "qftbench sweep" in p and "id='runs'" in p), None)  # (not claims.html)
     assert page is not None, f"tables page not embedded ({len(pages)} html data URIs)"
     for anchor in ("claims", "synthetic", "paired", "efficiency", "runs"):
         assert f"id='{anchor}'" in page, anchor
