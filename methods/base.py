@@ -92,6 +92,10 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     deploy: ClassVar[str] = ""  # "fp16-merge", "int-merge" or "4+16"
+    #: the method's name in tables and figures (default: ``name``) and its (colour, marker) in the figures (default:
+    #: a stable colour and marker derived from the name, qftbench.plots)
+    label: ClassVar[str] = ""
+    plot_style: ClassVar[tuple[str, str] | None] = None
     hyperparameters: ClassVar[dict[str, Hyper]] = {}
     #: hyperparameters that a sweep's ``grid`` does not cross with this method (e.g. QA-HiRA's rank, which
     #: only enters the scaling); a method entry may still set them explicitly

@@ -70,6 +70,8 @@ def loftq_decompose(w: torch.Tensor, scheme: QuantScheme, rank: int, scaling: fl
 
 class LoftQ(Method):
     name = "loftq"
+    label = "LoftQ"
+    plot_style = ("#2ca02c", "^")  # (colour, marker) in the figures
     summary = "LoftQ alternating quantization + SVD init of LoRA (NF4 via bitsandbytes, NF2/NF3, or INTk)"
     deploy = "4+16"
     hyperparameters = {

@@ -14,6 +14,8 @@ from .base import GPTQ_GROUPS, QUANTIZER, SEED, TARGETS, Hyper, Method, _set_mod
 
 class PEQA(Method):
     name = "peqa"
+    label = "PEQA"
+    plot_style = ("#17becf", "*")  # (colour, marker) in the figures
     summary = "INTk base, only the per-group scales are trained; exact merge (new scales)"
     deploy = "int-merge"
     needs_base_weight_grad = True

@@ -20,6 +20,8 @@ BITS = Hyper(4, int, "bits of the INT base", choices=(2, 3, 4, 8))
 
 class QAHiRA(IntMergeMixin, Method):
     name = "qahira"
+    label = "QA-HiRA"
+    plot_style = ("#8c564b", "P")  # (colour, marker) in the figures
     summary = "INTk base (groups of g) + one trainable entry per group (H); exact merge into zero points"
     not_grid_axes = ("rank",)
     hyperparameters = {
@@ -40,6 +42,8 @@ class QAHiRA(IntMergeMixin, Method):
 
 class QAHiRARef(IntMergeMixin, Method):
     name = "qahira-ref"
+    label = "QA-HiRA (ref)"
+    plot_style = ("#e377c2", "p")  # (colour, marker) in the figures
     summary = "released-code reading of QA-HiRA: INTk base in 8x4 tiles, p=4, q=8, H, kaiming init"
     TILE = (8, 4)
     not_grid_axes = ("rank",)

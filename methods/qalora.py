@@ -11,6 +11,8 @@ from .quant.scheme import QuantScheme
 
 class QALoRA(IntMergeMixin, Method):
     name = "qalora"
+    label = "QA-LoRA"
+    plot_style = ("#9467bd", "D")  # (colour, marker) in the figures
     summary = "INTk base (groups of g along the input) + group-pooled LoRA; exact merge into zero points"
     hyperparameters = {
         "rank": RANK, "alpha": ALPHA, "dropout": DROPOUT,

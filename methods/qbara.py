@@ -10,6 +10,8 @@ from .quant.scheme import QuantScheme
 
 class QBaRA(Method):
     name = "qbara"
+    label = "Q-BaRA"
+    plot_style = ("#d62728", "v")  # (colour, marker) in the figures
     summary = "NF4 + double quantization + adapter with pool k, repeat k, inner rank k·r"
     deploy = "4+16"
     hyperparameters = {

@@ -10,6 +10,8 @@ from .quant.scheme import QuantScheme
 
 class QLoRA(Method):
     name = "qlora"
+    label = "QLoRA"
+    plot_style = ("#ff7f0e", "s")  # (colour, marker) in the figures
     summary = "NF4 + double quantization (bitsandbytes, block 64) + LoRA B·A; deployed 4+16"
     deploy = "4+16"
     hyperparameters = {

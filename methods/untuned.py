@@ -11,6 +11,8 @@ from .errors import ConfigError
 
 class Base(Method):
     name = "base"
+    label = "base (un-tuned)"
+    plot_style = ("#555555", "x")  # (colour, marker) in the figures
     summary = "the un-tuned base: 16-bit, or quantized (INTk RTN/GPTQ, NF4) with no adapter"
     deploy = "base"
     hyperparameters = {

@@ -12,7 +12,8 @@ def cmd_methods(args) -> int:
     out = {}
     for name in methods.names():
         cls = methods.get(name)
-        out[name] = {"summary": cls.summary, "deploy": getattr(cls, "deploy_summary", cls.deploy),
+        out[name] = {"label": cls.label or name, "summary": cls.summary,
+                     "deploy": getattr(cls, "deploy_summary", cls.deploy),
                      "hyperparameters": {k: {"default": h.default, "doc": h.doc,
                                              **({"choices": list(h.choices)} if h.choices else {})}
                                          for k, h in cls.hyperparameters.items()}}

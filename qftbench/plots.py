@@ -25,29 +25,36 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from . import report as R  # noqa: E402
 
-METHOD_STYLE = {  # method -> (color, marker)
-    "base": ("#555555", "x"), "lora": ("#1f77b4", "o"), "qlora": ("#ff7f0e", "s"), "loftq": ("#2ca02c", "^"),
-    "qbara": ("#d62728", "v"), "qalora": ("#9467bd", "D"), "qahira": ("#8c564b", "P"),
-    "qahira-ref": ("#e377c2", "p"), "peqa": ("#17becf", "*"),
-}
-METHOD_LABEL = {"base": "base (un-tuned)", "lora": "LoRA (16-bit)", "qlora": "QLoRA", "loftq": "LoftQ",
-                "qbara": "Q-BaRA", "qalora": "QA-LoRA", "qahira": "QA-HiRA", "qahira-ref": "QA-HiRA (ref)",
-                "peqa": "PEQA"}
-
-
 _BARS = "95% interval over items and seeds (± 1 std over seeds for runs without per-item records)"
 
 
-#: styles for methods without an entry above (peft's rows, a user's own method): stable per name, distinct from
+#: styles for methods without a plot_style of their own (peft's rows, a user's own method): stable per name, distinct from
 #: the suite's colours, hollow-looking markers
 _EXTRA_COLORS = ("#7f7f7f", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
                  "#e6550d", "#31a354")
 _EXTRA_MARKERS = ("h", "<", ">", "8", "d", "H", "X", "1", "2", "3")
 
 
+def _method_class(method: str):
+    import methods
+
+    try:
+        return methods.get(str(method))
+    except methods.ConfigError:  # peft's table names (peft-dora-nf4), a method not registered in this process
+        return None
+
+
+def method_label(method: str) -> str:
+    """A method's legend name: its class's ``label`` (``QA-LoRA``), else the name as the tables write it."""
+    cls = _method_class(method)
+    return (getattr(cls, "label", "") or str(method)) if cls is not None else str(method)
+
+
 def _style(method: str):
-    if method in METHOD_STYLE:
-        return METHOD_STYLE[method]
+    """(colour, marker): the method class's ``plot_style``, else stable per name (crc32, not hash())."""
+    cls = _method_class(method)
+    if cls is not None and getattr(cls, "plot_style", None):
+        return tuple(cls.plot_style)
     import zlib
 
     h = zlib.crc32(method.encode())  # stable across processes (unlike hash())
@@ -100,7 +107,7 @@ def _per_config(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _series_label(row, multi_bits: bool) -> str:
-    lab = METHOD_LABEL.get(row.method, row.method)
+    lab = method_label(row.method)
     if multi_bits and row.method not in ("lora",):
         g = f" g{int(row.deploy_group_size)}" if str(row.deploy_group_size) not in ("", "<NA>") else ""
         lab += f" ({row.deploy_bits}-bit{g})"
@@ -168,7 +175,7 @@ def _flat_refs(ax, sub: pd.DataFrame, skip) -> None:
         color, _ = _style(r.method)
         ax.axhline(r.mean, color=color, lw=1.2, **({"dashes": dashes[i % len(dashes)]} if r.method == "base"
                                                   else {"ls": ":"}),
-                   label=base_label(r) if r.method == "base" else METHOD_LABEL.get(r.method, r.method))
+                   label=base_label(r) if r.method == "base" else method_label(r.method))
         if not pd.isna(r.err_lo):
             ax.axhspan(r.mean - r.err_lo, r.mean + r.err_hi, color=color, alpha=0.08)
 
@@ -264,7 +271,7 @@ def _loss_figure(df: pd.DataFrame, out_dir: Path):
         for (method, bits, cid), cur in sub.groupby(["method", "bits", "config_id"], sort=False):
             color, _ = _style(method)
             stats = cur.groupby("step")["loss"].agg(["mean", "std", "count"]).reset_index()
-            lab = METHOD_LABEL.get(method, method) + (f" ({bits}-bit)" if multi_bits else "")
+            lab = method_label(method) + (f" ({bits}-bit)" if multi_bits else "")
             n = cur["seed"].nunique()
             if sub[sub["method"] == method]["config_id"].nunique() > 1:
                 lab += f" [{cid}]"

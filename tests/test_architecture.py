@@ -126,3 +126,44 @@ def test_one_place_builds_a_method_from_a_config():
 
 def _line_of(path: Path, text: str) -> int:
     return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+def test_each_method_owns_its_label_and_figure_style():
+    """Tables and figures read a method's name and style from its class (``label``, ``plot_style``): every
+    registered method has its own, and no two share a (colour, marker)."""
+    import methods
+    from qftbench import plots
+
+    styles = {}
+    for name in methods.names():
+        if name == "peft":  # one row per peft method and base, styled by name (plots._style)
+            continue
+        cls = methods.get(name)
+        assert cls.label and cls.plot_style, name
+        assert plots.method_label(name) == cls.label and plots._style(name) == tuple(cls.plot_style)
+        styles[name] = tuple(cls.plot_style)
+    assert len(set(styles.values())) == len(styles), styles
+
+
+def test_a_method_registered_in_one_line_is_listed_and_labelled(tmp_path, monkeypatch, capsys):
+    """A method in a module of one's own, registered with one line, is listed by ``qftbench methods`` and gets
+    its own label and style in the figures: nothing else in the suite names it."""
+    import json
+
+    import methods
+    from qftbench import cli, plots
+
+    (tmp_path / "my_method.py").write_text(
+        "from methods.lora import LoRA\n\n\n"
+        "class MyLoRA(LoRA):\n"
+        "    name = 'mylora'\n"
+        "    label = 'My LoRA'\n"
+        "    plot_style = ('#000000', 'o')\n"
+        "    summary = 'LoRA under another name (a test)'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(methods.REGISTRY, "mylora", "my_method:MyLoRA")  # = methods.register("mylora", ...)
+    assert cli.main(["methods", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["mylora"]["label"] == "My LoRA" and listed["mylora"]["deploy"] == "fp16-merge"
+    assert plots.method_label("mylora") == "My LoRA" and plots._style("mylora") == ("#000000", "o")
+    assert methods.from_config({"name": "mylora", "rank": 4}).hp["rank"] == 4
