@@ -96,6 +96,8 @@ class Method:
     #: a stable colour and marker derived from the name, qftbench.plots)
     label: ClassVar[str] = ""
     plot_style: ClassVar[tuple[str, str] | None] = None
+    #: the adapter is a plain LoRA (B·A on every target layer), so peft can load it (methods.export_peft_adapter)
+    peft_exportable: ClassVar[bool] = False
     hyperparameters: ClassVar[dict[str, Hyper]] = {}
     #: hyperparameters that a sweep's ``grid`` does not cross with this method (e.g. QA-HiRA's rank, which
     #: only enters the scaling); a method entry may still set them explicitly

@@ -71,6 +71,7 @@ def loftq_decompose(w: torch.Tensor, scheme: QuantScheme, rank: int, scaling: fl
 class LoftQ(Method):
     name = "loftq"
     label = "LoftQ"
+    peft_exportable = True  # a plain LoRA adapter: methods.export_peft_adapter writes it for peft
     plot_style = ("#2ca02c", "^")  # (colour, marker) in the figures
     summary = "LoftQ alternating quantization + SVD init of LoRA (NF4 via bitsandbytes, NF2/NF3, or INTk)"
     deploy = "4+16"

@@ -5,6 +5,7 @@ from .base import ALPHA, DROPOUT, INIT_LOWRANK, RANK, SEED, TARGETS, Geometry, H
 class LoRA(Method):
     name = "lora"
     label = "LoRA (16-bit)"
+    peft_exportable = True  # a plain LoRA adapter: methods.export_peft_adapter writes it for peft
     plot_style = ("#1f77b4", "o")  # (colour, marker) in the figures
     summary = "16-bit base (not quantized) + LoRA B·A; merged to fp16"
     deploy = "fp16-merge"

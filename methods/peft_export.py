@@ -17,16 +17,20 @@ from torch import nn
 from .adapter import AdapterLinear
 from .errors import ConfigError
 
-LORA_SHAPED = ("lora", "qlora", "loftq")
+def lora_shaped() -> list[str]:
+    """The registered methods whose adapter is a plain LoRA (their class sets ``peft_exportable``)."""
+    from .registry import get, names
+
+    return [n for n in names() if n != "peft" and getattr(get(n), "peft_exportable", False)]
 
 
 def export_peft_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
     import peft
 
     method = getattr(model, "qft_method", None)
-    if method is None or method.name not in LORA_SHAPED:
+    if method is None or not getattr(method, "peft_exportable", False):
         name = getattr(method, "name", None)
-        raise ConfigError(f"export_peft_adapter: only {', '.join(LORA_SHAPED)} adapters are LoRA-shaped (got "
+        raise ConfigError(f"export_peft_adapter: only {', '.join(lora_shaped())} adapters are LoRA-shaped (got "
                           f"{name!r}); pooled adapters (qalora, qbara, qahira) have no peft equivalent: use "
                           "methods.save_adapter, or merge.")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, AdapterLinear)}

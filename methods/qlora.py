@@ -11,6 +11,7 @@ from .quant.scheme import QuantScheme
 class QLoRA(Method):
     name = "qlora"
     label = "QLoRA"
+    peft_exportable = True  # a plain LoRA adapter: methods.export_peft_adapter writes it for peft
     plot_style = ("#ff7f0e", "s")  # (colour, marker) in the figures
     summary = "NF4 + double quantization (bitsandbytes, block 64) + LoRA B·A; deployed 4+16"
     deploy = "4+16"
