@@ -10,12 +10,13 @@ from typing import Any
 
 from .errors import ConfigError, did_you_mean
 
+#: in the order the tables list the methods (after the un-tuned base): the papers' chronology
 REGISTRY: dict[str, str] = {
     "lora": "methods.lora:LoRA",
     "qlora": "methods.qlora:QLoRA",
-    "qalora": "methods.qalora:QALoRA",
     "loftq": "methods.loftq:LoftQ",
     "qbara": "methods.qbara:QBaRA",
+    "qalora": "methods.qalora:QALoRA",
     "qahira": "methods.qahira:QAHiRA",
     "qahira-ref": "methods.qahira:QAHiRARef",
     "peqa": "methods.peqa:PEQA",

@@ -712,14 +712,26 @@ def _wide(agg: pd.DataFrame, col_of, order: list[str], digits: int = 1) -> pd.Da
     return wide.rename(columns={**ROW_LABELS, **rename})
 
 
-METHOD_ORDER = ["base", "lora", "qlora", "loftq", "qbara", "qalora", "qahira", "qahira-ref", "peqa"]
+def method_order() -> list[str]:
+    """Row order of the tables: the un-tuned base, then the registry's order (methods/registry.py), so that a
+    method registered later (a user's own) comes after the suite's; peft's rows (peft-<label>-<base>) last."""
+    import methods
+
+    return ["base"] + [n for n in methods.names() if n not in ("base", "peft")]
+
+
+def _method_rank(m: str) -> int:
+    order = method_order()
+    return order.index(m) if m in order else len(order)
+
+
 MODE_ORDER = ["base", "fp16-merge", "4+16", "int-merge", "requant"]
 
 
 def _sort_rows(t: pd.DataFrame) -> pd.DataFrame:
     def key(col: pd.Series):
         if col.name == "method":
-            return col.map(lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)))
+            return col.map(_method_rank)
         if col.name == "mode":  # requant-w<b>g<g>: beside requant, then by deploy_bits (descending)
             return col.map(lambda m: (MODE_ORDER.index(mode_family(m)) if mode_family(m) in MODE_ORDER
                                       else len(MODE_ORDER)))
@@ -985,7 +997,7 @@ def _pairs(methods: Iterable[str]) -> list[tuple[str, str, str]]:
     present = set(methods)
     out = [(a, b, claim) for a, b, claim in PAPER_PAIRS if a in present and b in present]
     seen = {(a, b) for a, b, _ in out}
-    for a in sorted(present, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER)):
+    for a in sorted(present, key=_method_rank):
         if a not in ("lora", "base") and "lora" in present and (a, "lora") not in seen:
             out.append((a, "lora", "vs 16-bit LoRA"))
         if a.startswith("peft-") and a.endswith("-nf4") and "qlora" in present:  # same NF4 base as QLoRA
