@@ -471,3 +471,33 @@ def test_intervals_and_paired_table_from_item_records(real_results, tmp_path):
     assert float(piqa["p"]) < 1e-3 and piqa["n items"] == n and piqa["seeds A/B"] == "2/1"
     mmlu = pt[(pt["task"] == "mmlu")].iloc[0]  # identical records: no difference
     assert mmlu["verdict"] == "inconclusive" and float(mmlu["p"]) == 1.0 and mmlu["A - B"] == "+0.0"
+
+
+def test_run_records_follow_their_declared_schemas(real_results, tmp_path):
+    """Every record the pipeline writes (accounting, train, provenance, each evaluation with its per-item results)
+    validates against qftbench/schemas/*.schema.yaml; a record with a missing field, a wrong type or per-item
+    lists cut short is rejected with the file, the field and the value."""
+    import copy
+
+    from qftbench import records
+
+    run_dirs = sorted(p for p in (real_results / "runs").iterdir() if (p / "train.json").is_file())
+    assert run_dirs
+    checked = [f for rd in run_dirs for f in records.validate_run(rd)]
+    assert {"accounting.json", "train.json", "provenance.json"} <= {f.name for f in checked}
+    evals = [f for f in checked if f.parent.parent.name == "eval"]
+    assert evals
+    rec = json.loads(evals[0].read_text())
+    task = next(t for t, cols in rec["items"].items() if cols["doc_id"])
+    bad = copy.deepcopy(rec)
+    bad["items"][task]["doc_id"] = bad["items"][task]["doc_id"][:-1]  # one item lost
+    with pytest.raises(records.RecordError, match=rf"items\.{task}: per-item lists of different lengths"):
+        records.validate("eval", bad, where="x.json")
+    bad = copy.deepcopy(rec)
+    del bad["provenance"]["task_versions"]
+    with pytest.raises(records.RecordError, match=r"x\.json: provenance: 'task_versions' is a required property"):
+        records.validate("eval", bad, where="x.json")
+    acc = json.loads((run_dirs[0] / "accounting.json").read_text())
+    acc["trainable_params"] = -1
+    with pytest.raises(records.RecordError, match=r"trainable_params: -1 is less than the minimum of 0"):
+        records.validate("accounting", acc)
