@@ -142,9 +142,12 @@ def test_tiny_dag_runs_end_to_end_and_second_run_does_nothing(tiny_sweep):
     text = (tables / "synthetic.csv").read_text()
     for method in ("base", "qlora", "qalora"):
         assert method in text
-    # every run left a complete record
+    # every run left a complete record, each file as its schema declares (qftbench/schemas)
+    from qftbench import records
+
     for rd in (tmp_path / "results" / "runs").iterdir():
         assert {"train.json", "accounting.json", "provenance.json", "config.yaml", "eval"} <= {p.name for p in rd.iterdir()}
+        assert len(records.validate_run(rd)) >= 4
     again = snakemake(["-n", "--cores", "2", "--configfile", cfg], cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
 
