@@ -122,9 +122,12 @@ SHIPPED_IDS = {
              "tiny-llama-qalora-r4-4b-g32-synthetic-s0-97ade1b9": 1e-3,
              "tiny-llama-qlora-r2-4b-synthetic-s0-082c1246": 1e-3,
              "tiny-llama-qlora-r4-4b-synthetic-s0-21fb8a35": 1e-3},
-    "local": {"smollm2-135m-base-16b-g128-alpaca-s0-ab632b2f": 2e-4,
-              "smollm2-135m-qlora-r8-4b-alpaca-s0-b3062b0c": 2e-4,
-              "smollm2-135m-qalora-r8-4b-g32-alpaca-s0-9f0e95b8": 2e-4},
+    # local's methods moved to lossy regimes on 2026-12-02 (issue 13: NF3 + QLoRA, INT2 g32 GPTQ + QA-LoRA) and its
+    # GPTQ calibration (32 x 256, part of every run id) was set: new ids from then on (base ab632b2f -> 4a1d0317);
+    # these are the ids of the measured run in the README
+    "local": {"smollm2-135m-base-16b-g128-alpaca-s0-4a1d0317": 2e-4,
+              "smollm2-135m-qlora-r8-3b-alpaca-s0-d857df5e": 2e-4,
+              "smollm2-135m-qalora-r8-2b-g32-alpaca-s0-0d8b2033": 2e-4},
     # the paper grid fixed against config/sources.yaml (2026-12-02, issue 15): gptq_groups: released changed the
     # GPTQ runs' ids (llama-7b-qalora-r64-4b-g32-alpaca-s0-9940e347 -> afbafa16), then the released codes'
     # Alpaca holdout (1024), prompt (trailing space), float32 norms and QA-LoRA's float16 base / lengths / pooling
