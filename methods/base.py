@@ -96,6 +96,9 @@ class Method:
     #: a stable colour and marker derived from the name, qftbench.plots)
     label: ClassVar[str] = ""
     plot_style: ClassVar[tuple[str, str] | None] = None
+    #: the rows of the published tables (qftbench/reference/paper_results.csv, column method) that this method
+    #: reproduces, each with the deployment mode compared to it ("QLoRA w/ GPTQ": "requant")
+    paper_rows: ClassVar[dict[str, str]] = {}
     #: the adapter is a plain LoRA (B·A on every target layer), so peft can load it (methods.export_peft_adapter)
     peft_exportable: ClassVar[bool] = False
     hyperparameters: ClassVar[dict[str, Hyper]] = {}

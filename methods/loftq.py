@@ -73,6 +73,7 @@ class LoftQ(Method):
     label = "LoftQ"
     peft_exportable = True  # a plain LoRA adapter: methods.export_peft_adapter writes it for peft
     plot_style = ("#2ca02c", "^")  # (colour, marker) in the figures
+    paper_rows = {"LoftQ": "4+16"}  # published rows it reproduces -> mode
     summary = "LoftQ alternating quantization + SVD init of LoRA (NF4 via bitsandbytes, NF2/NF3, or INTk)"
     deploy = "4+16"
     hyperparameters = {

@@ -7,6 +7,7 @@ class LoRA(Method):
     label = "LoRA (16-bit)"
     peft_exportable = True  # a plain LoRA adapter: methods.export_peft_adapter writes it for peft
     plot_style = ("#1f77b4", "o")  # (colour, marker) in the figures
+    paper_rows = {"LoRA (BF16 base)": "fp16-merge", "LoRA 16-bit": "fp16-merge"}  # published rows it reproduces -> mode
     summary = "16-bit base (not quantized) + LoRA B·A; merged to fp16"
     deploy = "fp16-merge"
     hyperparameters = {

@@ -16,6 +16,7 @@ class PEQA(Method):
     name = "peqa"
     label = "PEQA"
     plot_style = ("#17becf", "*")  # (colour, marker) in the figures
+    paper_rows = {"PEQA": "int-merge"}  # published rows it reproduces -> mode
     summary = "INTk base, only the per-group scales are trained; exact merge (new scales)"
     deploy = "int-merge"
     needs_base_weight_grad = True

@@ -13,6 +13,7 @@ class QALoRA(IntMergeMixin, Method):
     name = "qalora"
     label = "QA-LoRA"
     plot_style = ("#9467bd", "D")  # (colour, marker) in the figures
+    paper_rows = {"QA-LoRA": "int-merge"}  # published rows it reproduces -> mode
     summary = "INTk base (groups of g along the input) + group-pooled LoRA; exact merge into zero points"
     hyperparameters = {
         "rank": RANK, "alpha": ALPHA, "dropout": DROPOUT,

@@ -13,6 +13,7 @@ class QLoRA(Method):
     label = "QLoRA"
     peft_exportable = True  # a plain LoRA adapter: methods.export_peft_adapter writes it for peft
     plot_style = ("#ff7f0e", "s")  # (colour, marker) in the figures
+    paper_rows = {"QLoRA": "4+16", "QLoRA (NF4+DQ)": "4+16", "QLoRA w/ GPTQ": "requant"}  # published rows it reproduces -> mode
     summary = "NF4 + double quantization (bitsandbytes, block 64) + LoRA B·A; deployed 4+16"
     deploy = "4+16"
     hyperparameters = {

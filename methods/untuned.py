@@ -13,6 +13,7 @@ class Base(Method):
     name = "base"
     label = "base (un-tuned)"
     plot_style = ("#555555", "x")  # (colour, marker) in the figures
+    paper_rows = {"base": "base", "base w/ GPTQ": "base"}  # published rows it reproduces -> mode
     summary = "the un-tuned base: 16-bit, or quantized (INTk RTN/GPTQ, NF4) with no adapter"
     deploy = "base"
     hyperparameters = {

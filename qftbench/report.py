@@ -65,22 +65,18 @@ COLUMNS = RUN_COLUMNS + EVAL_COLUMNS + EXTRA_COLUMNS + ACCOUNTING_COLUMNS
 GROUP_KEYS = ["model", "method", "data", "mode", "deploy_bits", "deploy_group_size", "rank", "alpha", "lr", "config_id",
               "task", "shots", "category", "metric"]
 
-#: the paper's method name -> (suite method, evaluation mode); None: no counterpart in the suite. ``requant``
-#: stands for the whole family: ``requant`` and every ``requant-w<bits>g<group>[-rtn]`` mode (see
-#: :func:`mode_family`); the published bits and group size then pick the matching setting.
-PAPER_METHODS: dict[str, tuple[str, str] | None] = {
-    "QLoRA": ("qlora", "4+16"),
-    "QLoRA (NF4+DQ)": ("qlora", "4+16"),
-    "QLoRA (FP4)": None,
-    "QLoRA w/ GPTQ": ("qlora", "requant"),
-    "QA-LoRA": ("qalora", "int-merge"),
-    "PEQA": ("peqa", "int-merge"),
-    "LoRA (BF16 base)": ("lora", "fp16-merge"),
-    "LoRA 16-bit": ("lora", "fp16-merge"),
-    "LoftQ": ("loftq", "4+16"),
-    "base": ("base", "base"),
-    "base w/ GPTQ": ("base", "base"),
-}
+def paper_methods() -> dict[str, tuple[str, str]]:
+    """Published row name -> (suite method, mode), from each registered method's ``paper_rows``; a published row
+    no method claims (e.g. QLoRA (FP4)) has no reproduced value. ``requant`` stands for the whole family:
+    ``requant`` and every ``requant-w<bits>g<group>[-rtn]`` mode (see :func:`mode_family`); the published bits
+    and group size then pick the matching setting."""
+    import methods
+
+    out: dict[str, tuple[str, str]] = {}
+    for name in methods.names():
+        for row, mode in getattr(methods.get(name), "paper_rows", {}).items():
+            out[row] = (name, mode)
+    return out
 def _own_deploy(name: str | None) -> str:
     """A registered method's own deployment mode (its class attribute ``deploy``), for runs whose accounting
     lacks it; "" for a name the registry does not know (peft's table names: their accounting records it)."""
@@ -916,7 +912,8 @@ def paper_vs_reproduced(df: pd.DataFrame, paper_csv: str | os.PathLike | None = 
     rep = pd.concat([rep, aggregate(runs[runs["value"].notna()])], ignore_index=True)
 
     paper = load_paper(paper_csv)
-    paper = paper.assign(suite=[PAPER_METHODS.get(m) for m in paper["method"]])
+    paper_of = paper_methods()
+    paper = paper.assign(suite=[paper_of.get(m) for m in paper["method"]])
     paper = paper[paper["suite"].notna()]
     index: dict[tuple, list] = {}
     for _, pr in paper.iterrows():
