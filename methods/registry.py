@@ -44,6 +44,12 @@ def get(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
+def find(name: Any) -> type | None:
+    """The method class registered under ``name``, or None (a table name such as ``peft-dora-nf4``, a method
+    registered in another process): for consumers that fall back to a default instead of failing."""
+    return get(name) if isinstance(name, str) and name in REGISTRY else None
+
+
 def build(name: str, **hyperparameters: Any):
     """Build a method: ``build("qalora", rank=64, alpha=16, bits=4, group_size=32)``."""
     return get(name)(**hyperparameters)

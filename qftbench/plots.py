@@ -35,26 +35,21 @@ _EXTRA_COLORS = ("#7f7f7f", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39
 _EXTRA_MARKERS = ("h", "<", ">", "8", "d", "H", "X", "1", "2", "3")
 
 
-def _method_class(method: str):
-    import methods
-
-    try:
-        return methods.get(str(method))
-    except methods.ConfigError:  # peft's table names (peft-dora-nf4), a method not registered in this process
-        return None
-
-
 def method_label(method: str) -> str:
-    """A method's legend name: its class's ``label`` (``QA-LoRA``), else the name as the tables write it."""
-    cls = _method_class(method)
-    return (getattr(cls, "label", "") or str(method)) if cls is not None else str(method)
+    """A method's legend name: its class's ``label`` (``QA-LoRA``), else the name as the tables write it (peft's
+    rows, a method registered in another process)."""
+    from methods.registry import find
+
+    return getattr(find(method), "label", "") or str(method)
 
 
 def _style(method: str):
     """(colour, marker): the method class's ``plot_style``, else stable per name (crc32, not hash())."""
-    cls = _method_class(method)
-    if cls is not None and getattr(cls, "plot_style", None):
-        return tuple(cls.plot_style)
+    from methods.registry import find
+
+    style = getattr(find(method), "plot_style", None)
+    if style:
+        return tuple(style)
     import zlib
 
     h = zlib.crc32(method.encode())  # stable across processes (unlike hash())

@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -77,15 +76,15 @@ def paper_methods() -> dict[str, tuple[str, str]]:
         for row, mode in getattr(methods.get(name), "paper_rows", {}).items():
             out[row] = (name, mode)
     return out
+
+
 def _own_deploy(name: str | None) -> str:
     """A registered method's own deployment mode (its class attribute ``deploy``), for runs whose accounting
-    lacks it; "" for a name the registry does not know (peft's table names: their accounting records it)."""
-    import methods
+    lacks it; "" for a name the registry does not know (peft's table names: their accounting records it) or
+    whose deployment depends on its settings (peft's ``deploy`` is a property)."""
+    from methods.registry import find
 
-    try:
-        deploy = methods.get(str(name)).deploy
-    except methods.ConfigError:
-        return ""
+    deploy = getattr(find(name), "deploy", "")
     return deploy if isinstance(deploy, str) else ""
 
 
@@ -716,9 +715,10 @@ def method_order() -> list[str]:
     return ["base"] + [n for n in methods.names() if n not in ("base", "peft")]
 
 
-def _method_rank(m: str) -> int:
-    order = method_order()
-    return order.index(m) if m in order else len(order)
+def _method_rank():
+    """method -> its place in :func:`method_order` (unknown methods after all of them), looked up once per sort."""
+    order = {m: i for i, m in enumerate(method_order())}
+    return lambda m: order.get(m, len(order))
 
 
 MODE_ORDER = ["base", "fp16-merge", "4+16", "int-merge", "requant"]
@@ -727,7 +727,7 @@ MODE_ORDER = ["base", "fp16-merge", "4+16", "int-merge", "requant"]
 def _sort_rows(t: pd.DataFrame) -> pd.DataFrame:
     def key(col: pd.Series):
         if col.name == "method":
-            return col.map(_method_rank)
+            return col.map(_method_rank())
         if col.name == "mode":  # requant-w<b>g<g>: beside requant, then by deploy_bits (descending)
             return col.map(lambda m: (MODE_ORDER.index(mode_family(m)) if mode_family(m) in MODE_ORDER
                                       else len(MODE_ORDER)))
@@ -994,7 +994,7 @@ def _pairs(methods: Iterable[str]) -> list[tuple[str, str, str]]:
     present = set(methods)
     out = [(a, b, claim) for a, b, claim in PAPER_PAIRS if a in present and b in present]
     seen = {(a, b) for a, b, _ in out}
-    for a in sorted(present, key=_method_rank):
+    for a in sorted(present, key=_method_rank()):
         if a not in ("lora", "base") and "lora" in present and (a, "lora") not in seen:
             out.append((a, "lora", "vs 16-bit LoRA"))
         if a.startswith("peft-") and a.endswith("-nf4") and "qlora" in present:  # same NF4 base as QLoRA

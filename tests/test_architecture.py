@@ -5,6 +5,7 @@ circle is still a circle for a reader following the code)."""
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -98,7 +99,7 @@ def test_the_detector_finds_a_circle(tmp_path, monkeypatch):
     (pkg / "a.py").write_text("def f():\n    from . import b\n")
     (pkg / "b.py").write_text("from .a import f\n")
     (tmp_path / "methods").mkdir()
-    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert import_cycles() == [["qftbench.a", "qftbench.b"]]
 
 
