@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapter import PooledAdapter
+from .atomic import atomic_write
 from .errors import ConfigError
 
 WEIGHTS = "adapter.safetensors"
@@ -30,17 +30,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``adapter.safetensors`` and ``adapter_config.json`` (method, hyperparameters, tensor shapes)."""
     method = getattr(model, "qft_method", None)
@@ -55,8 +44,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     cfg = {"format": "qftbench-adapter", "version": 1, **method.describe(),
            "tensors": {k: list(v.shape) for k, v in tensors.items()}}
-    _atomic(d / WEIGHTS, lambda p: save_file(tensors, p, metadata={"method": method.name}))
-    _atomic(d / CONFIG, lambda p: Path(p).write_text(json.dumps(cfg, indent=2, sort_keys=True)))
+    atomic_write(d / WEIGHTS, lambda p: save_file(tensors, p, metadata={"method": method.name}))
+    atomic_write(d / CONFIG, lambda p: Path(p).write_text(json.dumps(cfg, indent=2, sort_keys=True)))
     return d
 
 

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .adapter_io import PEFT_CONFIG
+from .atomic import atomic_write
 from .base import SEED, TARGETS, Hyper, Method, _set_module
 from .errors import ConfigError, did_you_mean
 
@@ -289,7 +290,6 @@ class Peft(Method):
 
         from safetensors.torch import save_file
 
-        from .adapter_io import _atomic
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -298,12 +298,12 @@ class Peft(Method):
         cfg = self.peft_config()
         cfg.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         tensors = {f"base_model.model.{k}": v.contiguous().cpu() for k, v in _adapter_state(model).items()}
-        _atomic(d / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        _atomic(d / "adapter_config.json",
+        atomic_write(d / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        atomic_write(d / "adapter_config.json",
                 lambda p: Path(p).write_text(json.dumps(_plain(cfg.to_dict()), indent=2, sort_keys=True)))
         own = {"format": "qftbench-peft-adapter", "version": 1, **_plain(self.describe()),
                "tensors": {k: list(v.shape) for k, v in tensors.items()}}
-        _atomic(d / PEFT_CONFIG, lambda p: Path(p).write_text(json.dumps(own, indent=2, sort_keys=True)))
+        atomic_write(d / PEFT_CONFIG, lambda p: Path(p).write_text(json.dumps(own, indent=2, sort_keys=True)))
 
     def load_adapter(self, model: nn.Module, directory) -> None:
         _load_weights(model, str(directory))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import GPTQ_GROUPS, QUANTIZER, SEED, TARGETS, Hyper, Method, _set_module
+from .base import GPTQ_GROUPS, QUANTIZER, SEED, TARGETS, Hyper, Method
 
 
 class PEQA(Method):

@@ -11,7 +11,7 @@ reference code (``rank`` does not change any shape).
 
 Both have ``D_in·D_out/32`` trainable parameters per layer.
 """
-from .base import ALPHA, DROPOUT, GPTQ_GROUPS, POOL, QUANTIZER, RANK, SEED, TARGETS, Geometry, Hyper, Method
+from .base import ALPHA, DROPOUT, GPTQ_GROUPS, POOL, QUANTIZER, SEED, TARGETS, Geometry, Hyper, Method
 from .intmerge import IntMergeMixin
 from .quant.scheme import QuantScheme
 

@@ -187,7 +187,7 @@ def verdict(kind: str, lo: float, hi: float, p: float, margin: float) -> tuple[s
 def claims_table(df: pd.DataFrame, agg: pd.DataFrame, claims: Sequence[Mapping]) -> pd.DataFrame:
     """One row per claim (see the module docstring): the comparison run, the measured difference with its 95%
     interval, p and n items, and the verdict with the rule that decided it."""
-    from . import report as R
+    from . import report
 
     rows = []
     quant_of = dict(zip(df["config_id"], df["quant"])) if len(df) and "quant" in df else {}
@@ -229,7 +229,7 @@ def claims_table(df: pd.DataFrame, agg: pd.DataFrame, claims: Sequence[Mapping])
             base["why"] = f"A has seeds {ra.seeds}, B {rb.seeds}: an exact comparison needs the same seeds"
             rows.append(base)
             continue
-        common = R.common_items(ra.run_dirs, ra.mode, rb.run_dirs, rb.mode, ra.task, ra.shots, ra.category,
+        common = report.common_items(ra.run_dirs, ra.mode, rb.run_dirs, rb.mode, ra.task, ra.shots, ra.category,
                                 ra.metric)
         if common is None:
             base["why"] = "no per-item records on the same items"
@@ -243,11 +243,11 @@ def claims_table(df: pd.DataFrame, agg: pd.DataFrame, claims: Sequence[Mapping])
                          "why": "identical on every item" if n_diff == 0 else f"{n_diff} of {n} items differ"})
             rows.append(base)
             continue
-        res = R.paired_on(common, key=("claim", str(c["id"]), str(ra.config_id), str(rb.config_id)))
+        res = report.paired_on(common, key=("claim", str(c["id"]), str(ra.config_id), str(rb.config_id)))
         lo, hi = 100 * res.lo, 100 * res.hi
         v, why = verdict(kind, lo, hi, res.p, margin)
         base.update({"A - B": f"{100 * res.diff:+.1f}", "95% CI": f"[{lo:+.1f}, {hi:+.1f}]", "p": f"{res.p:.3g}",
-                     "n items": R.n_questions(ca, keep), "verdict": v, "why": why})
+                     "n items": report.n_questions(ca, keep), "verdict": v, "why": why})
         rows.append(base)
     return pd.DataFrame(rows, columns=COLUMNS)
 

@@ -51,7 +51,7 @@ def _cfg(args):
 
         used = claim(args.gpus)
         print(f"qftbench: --gpus {args.gpus}: CUDA_VISIBLE_DEVICES={','.join(used)!r}", file=sys.stderr)
-    from . import config as C
+    from . import config
 
     if args.threads:
         import torch
@@ -61,54 +61,54 @@ def _cfg(args):
         raw = json.loads(args.config_json)
         raw.pop("sweep", None)
         for item in args.set or []:
-            C.apply_override(raw, item)
-        return C.resolve(raw, where="--config-json")
+            config.apply_override(raw, item)
+        return config.resolve(raw, where="--config-json")
     if not args.config:
         from methods.errors import ConfigError
 
         raise ConfigError("give --config FILE (or --config-json JSON).")
-    return C.load(args.config, overrides=args.set or [])
+    return config.load(args.config, overrides=args.set or [])
 
 
 def cmd_validate(args) -> int:
-    from . import config as C
-    from . import pipeline as P
+    from . import config
+    from . import pipeline
 
     cfg = _cfg(args)
-    print(f"{args.config}: valid. run_id={C.run_id(cfg)}\n  run folder: {P.run_dir(cfg)}\n"
-          f"  base:       {P.base_dir(cfg)}")
+    print(f"{args.config}: valid. run_id={config.run_id(cfg)}\n  run folder: {pipeline.run_dir(cfg)}\n"
+          f"  base:       {pipeline.base_dir(cfg)}")
     return 0
 
 
 def cmd_prepare(args) -> int:
-    from . import pipeline as P
+    from . import pipeline
 
-    print(P.prepare_step(_cfg(args), base_only=args.base_only))
+    print(pipeline.prepare_step(_cfg(args), base_only=args.base_only))
     return 0
 
 
 def cmd_finetune(args) -> int:
-    from . import pipeline as P
+    from . import pipeline
 
-    print(P.finetune_step(_cfg(args), stop_after=args.stop_after))
+    print(pipeline.finetune_step(_cfg(args), stop_after=args.stop_after))
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from . import pipeline as P
+    from . import pipeline
 
     cfg = _cfg(args)
     tasks = args.tasks.split(",") if args.tasks else None
     if args.num_fewshot is not None and args.num_fewshot < 0:
         args.num_fewshot = None
-    print(P.evaluate_step(cfg, args.mode, tasks, args.num_fewshot))
+    print(pipeline.evaluate_step(cfg, args.mode, tasks, args.num_fewshot))
     return 0
 
 
 def cmd_run(args) -> int:
-    from . import pipeline as P
+    from . import pipeline
 
-    rd = P.run_all(_cfg(args))
+    rd = pipeline.run_all(_cfg(args))
     print(rd)
     print(json.dumps(json.loads((rd / "metrics.json").read_text()), indent=1)[:4000])
     return 0
@@ -125,14 +125,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from . import sweep as S
+    from . import sweep
 
-    raw = S.load(args.sweep)
+    raw = sweep.load(args.sweep)
     if args.preset:  # as `snakemake --config preset=NAME`: the preset of every entry without its own
         raw["preset"] = args.preset
     if args.gpu_mem_gib:
         raw.setdefault("resources", {})["gpu_mem_gib"] = args.gpu_mem_gib
-    print(S.plan_text(raw, args.sweep, gpu_tflops=args.gpu_tflops, mfu=args.mfu))
+    print(sweep.plan_text(raw, args.sweep, gpu_tflops=args.gpu_tflops, mfu=args.mfu))
     return 0
 
 

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import plots, report
+from methods.atomic import atomic_write
 
-FIGURES = ("acc_vs_params", "acc_vs_flops", "acc_vs_rank", "loss_curves")
+from . import plots, report
+from .sweep import FIGURES
+
 
 
 def _placeholder_figure(path_stem: Path, text: str) -> None:
@@ -25,9 +27,7 @@ def _placeholder_figure(path_stem: Path, text: str) -> None:
     ax.axis("off")
     ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
     for ext in ("png", "pdf"):
-        tmp = path_stem.with_name(f".{path_stem.name}.tmp.{ext}")
-        fig.savefig(tmp, format=ext)
-        os.replace(tmp, path_stem.with_suffix(f".{ext}"))
+        atomic_write(path_stem.with_suffix(f".{ext}"), lambda tmp: fig.savefig(tmp, format=ext))
     plt.close(fig)
 
 
@@ -120,11 +120,11 @@ def report_step(results: str | os.PathLike, run_ids: list[str], tables_dir: str 
     Path(tables_dir).mkdir(parents=True, exist_ok=True)
     written = report.write_tables(tabs, tables_dir)
     index = Path(tables_dir) / "index.html"
-    report._atomic_write(index, html_page(tabs, runs_frame(df) if len(df) else pd.DataFrame(), name))
+    atomic_write(index, html_page(tabs, runs_frame(df) if len(df) else pd.DataFrame(), name))
     written.append(index)
     if "claims" in tabs:  # the claims table alone: the Claims entry of snakemake --report
         page = Path(tables_dir) / "claims.html"
-        report._atomic_write(page, html_page({"claims": tabs["claims"]}, None, name))
+        atomic_write(page, html_page({"claims": tabs["claims"]}, None, name))
         written.append(page)
     fig_dir = Path(figures_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     df = report.collect(a.results)
     out = Path(a.out)
-    report._atomic_write(out / "long.csv", df.to_csv(index=False))
+    atomic_write(out / "long.csv", df.to_csv(index=False))
     paths = report.write_tables(report.tables(df, a.paper_csv), out / "tables")
     if not a.no_figures:
         paths += plots.make_figures(df, out / "figures")

@@ -53,6 +53,8 @@ import torch
 
 from methods.errors import QFTError, did_you_mean
 
+from .accounting import linear_shapes  # noqa: F401  (re-exported)
+
 __all__ = [
     "BUILTIN_MODELS",
     "ModelLoadError",
@@ -477,35 +479,3 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
         ) from exc
     check_spread(getattr(model, "hf_device_map", None), name, torch.cuda.device_count())
     return model.eval(), _finish_tokenizer(tokenizer)
-
-
-# --------------------------------------------------------------------------------------- shapes
-def linear_shapes(config) -> list[tuple[str, int, int]]:
-    """``[(name, d_out, d_in), ...]`` of every decoder projection, from a config alone (no weights).
-
-    Names are the module names of a Llama-style model (``model.layers.{i}.self_attn.q_proj`` ...), in
-    the order q, k, v, o, gate, up, down per layer. ``head_dim`` defaults to hidden / heads; the k/v
-    width is ``num_key_value_heads * head_dim`` (grouped-query attention). The LM head and embeddings
-    are not included (they are not quantized or adapted by the methods).
-    """
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = int(cfg.hidden_size)
-    heads = int(cfg.num_attention_heads)
-    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    head_dim = int(head_dim)
-    inter = int(cfg.intermediate_size)
-    q_out, kv_out = heads * head_dim, kv_heads * head_dim
-    shapes: list[tuple[str, int, int]] = []
-    for i in range(int(cfg.num_hidden_layers)):
-        att, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        shapes += [
-            (f"{att}.q_proj", q_out, hidden),
-            (f"{att}.k_proj", kv_out, hidden),
-            (f"{att}.v_proj", kv_out, hidden),
-            (f"{att}.o_proj", hidden, q_out),
-            (f"{mlp}.gate_proj", inter, hidden),
-            (f"{mlp}.up_proj", inter, hidden),
-            (f"{mlp}.down_proj", hidden, inter),
-        ]
-    return shapes

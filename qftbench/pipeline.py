@@ -26,10 +26,11 @@ import torch
 import yaml
 
 import methods
+from methods.atomic import write_json
 from methods.base_io import load_quantized_base, save_quantized_base
 
-from . import config as C
-from .provenance import record, write_json_atomic
+from . import config
+from .provenance import record
 
 log = logging.getLogger("qftbench")
 
@@ -42,11 +43,11 @@ def results_dir(cfg) -> Path:
 
 
 def run_dir(cfg) -> Path:
-    return results_dir(cfg) / "runs" / C.run_id(cfg)
+    return results_dir(cfg) / "runs" / config.run_id(cfg)
 
 
 def scratch_dir(cfg) -> Path:
-    return Path(cfg["paths"]["scratch"]) / C.run_id(cfg)
+    return Path(cfg["paths"]["scratch"]) / config.run_id(cfg)
 
 
 def model_cache(cfg) -> Path | None:
@@ -209,7 +210,7 @@ def prepare_step(cfg, *, base_only: bool = False) -> Path:
     calib = calibration_batches(cfg, tok) if method.hp.get("quantizer") == "gptq" else None
     method.quantize(model, calib)
     save_quantized_base(model, d, method)
-    write_json_atomic(d / "provenance.json", record(step="prepare", seconds=time.perf_counter() - t0,
+    write_json(d / "provenance.json", record(step="prepare", seconds=time.perf_counter() - t0,
                                                     model=cfg["model"], base_key=method.base_key(),
                                                     calibration=calibration_spec(cfg) if calib else None))
     return d
@@ -274,7 +275,7 @@ def finetune_step(cfg, *, stop_after: int | None = None) -> Path:
     rd.mkdir(parents=True, exist_ok=True)
     # exactly the configuration that trained the run (what the finetune job got); each evaluation records its own
     # settings in its eval/<mode>/<tasks>.json ("eval_config"), so no section here can disagree with a job
-    trained = C.training_view(cfg)
+    trained = config.training_view(cfg)
     (rd / "config.yaml").write_text("# the configuration that trained this run; each evaluation's settings are in "
                                     "its eval/<mode>/<tasks>.json (eval_config)\n"
                                     + yaml.safe_dump(trained, sort_keys=False))
@@ -299,12 +300,12 @@ def finetune_step(cfg, *, stop_after: int | None = None) -> Path:
     acc["measured_trainable_params"] = n_trainable
     acc["train_flops_total"] = acc["train_flops_per_token"] * _trained_tokens(rd)
     acc.update(base_quality(cfg, method))
-    write_json_atomic(rd / "accounting.json", acc)
-    write_json_atomic(rd / "provenance.json", record(step="finetune", run_id=C.run_id(cfg), seed=cfg["seed"],
+    write_json(rd / "accounting.json", acc)
+    write_json(rd / "provenance.json", record(step="finetune", run_id=config.run_id(cfg), seed=cfg["seed"],
                                                      data=data_info, method=method.describe(),
                                                      prepare_seconds=t_prep,
                                                      finetune_seconds=time.perf_counter() - t0 - t_prep))
-    write_json_atomic(rd / "train.json", summary)  # last: marks the run finished
+    write_json(rd / "train.json", summary)  # last: marks the run finished
     return rd
 
 
@@ -354,7 +355,7 @@ def _trained_tokens(rd: Path) -> int:
 def deployed_model(cfg, mode: str):
     """The model as evaluated in ``mode`` (``deploy`` resolves to the method's own deployment; ``requant`` or
     ``requant-w<bits>g<group>[-rtn]``: merged to fp16, then re-quantized at that ``eval.requant`` setting)."""
-    rq = C.check_mode(cfg, mode)  # an unknown mode or requant setting fails before any model work
+    rq = config.check_mode(cfg, mode)  # an unknown mode or requant setting fails before any model work
     model, tok, method = prepared_model(cfg)
     if method.name != "base":
         rd = run_dir(cfg)
@@ -378,7 +379,7 @@ def deployed_model(cfg, mode: str):
             calib = calibration_batches(cfg, tok) if rq["quantizer"] == "gptq" else None
             requantize(model, layers, scheme, rq["quantizer"], calib)
     else:
-        raise methods.ConfigError(f"eval mode {mode!r} is not one of {C.DEPLOY_MODES}")  # (checked above)
+        raise methods.ConfigError(f"eval mode {mode!r} is not one of {config.DEPLOY_MODES}")  # (checked above)
     model.eval()
     return model, tok, mode
 
@@ -395,7 +396,7 @@ def evaluate_step(cfg, mode: str = "deploy", tasks: list[str] | None = None, num
     a requant result records its setting under ``"requant"``."""
     from .evaluate import evaluate
 
-    rq = C.check_mode(cfg, mode)
+    rq = config.check_mode(cfg, mode)
     tasks = tasks or cfg["eval"]["tasks"]
     rd = run_dir(cfg)
     method = build_method(cfg)
@@ -406,18 +407,18 @@ def evaluate_step(cfg, mode: str = "deploy", tasks: list[str] | None = None, num
     t0 = time.perf_counter()
     model, tok, resolved_mode = deployed_model(cfg, mode)
     synth = ensure_synthetic(cfg) / "eval.jsonl" if any(t.startswith("qft_synthetic") for t in tasks) else None
-    res = evaluate(model, tok, tasks, num_fewshot=num_fewshot, limit=C.limit_for(cfg, tasks),
+    res = evaluate(model, tok, tasks, num_fewshot=num_fewshot, limit=config.limit_for(cfg, tasks),
                    batch_size=cfg["eval"]["batch_size"], data_root=cfg["eval"]["data_root"],
                    seed=cfg["eval"]["seed"], synthetic_path=synth)
     res["mode"] = resolved_mode
     if rq is not None:
         res["requant"] = rq
     res["num_fewshot"] = num_fewshot
-    res["eval_config"] = {**cfg["eval"], "tasks": list(tasks), "limit": C.limit_for(cfg, tasks),
+    res["eval_config"] = {**cfg["eval"], "tasks": list(tasks), "limit": config.limit_for(cfg, tasks),
                           "num_fewshot": num_fewshot}
     res["seconds"] = time.perf_counter() - t0
     res["provenance"] = {**res.get("provenance", {}), **record(step="evaluate")}
-    write_json_atomic(out, res)
+    write_json(out, res)
     collect_metrics(rd)
     return out
 
@@ -427,7 +428,7 @@ def collect_metrics(rd: Path) -> Path:
     out: dict[str, Any] = {}
     for p in sorted((rd / "eval").glob("*/*.json")):
         out.setdefault(p.parent.name, {})[p.stem] = json.loads(p.read_text())
-    return write_json_atomic(rd / "metrics.json", out)
+    return write_json(rd / "metrics.json", out)
 
 
 def run_all(cfg) -> Path:
@@ -435,7 +436,7 @@ def run_all(cfg) -> Path:
     few-shot setting)."""
     prepare_step(cfg)
     rd = finetune_step(cfg)
-    for mode in C.eval_modes(cfg):
+    for mode in config.eval_modes(cfg):
         for tasks, shots in eval_groups(cfg):
             evaluate_step(cfg, mode, tasks, shots)
     return rd

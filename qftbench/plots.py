@@ -12,7 +12,6 @@ stored no per-item records get ± 1 std over seeds (none for a single seed).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -23,7 +22,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from . import report as R  # noqa: E402
+from methods.atomic import atomic_write  # noqa: E402
+
+from . import report  # noqa: E402
 
 _BARS = "95% interval over items and seeds (± 1 std over seeds for runs without per-item records)"
 
@@ -89,7 +90,7 @@ def _per_config(rows: pd.DataFrame) -> pd.DataFrame:
     if "quant" not in r:
         r["quant"] = None
     r[keys] = r[keys].astype(object).where(r[keys].notna(), "")
-    agg = R.aggregate(r, keys=keys + ["task", "shots", "category", "metric"])
+    agg = report.aggregate(r, keys=keys + ["task", "shots", "category", "metric"])
     out = agg.groupby(keys, sort=True)[["mean", "std", "ci_lo", "ci_hi", "n_seeds"]].first()
     g = r.groupby(keys, sort=True)
     for c in ("trainable_params", "train_flops_total"):
@@ -141,16 +142,8 @@ def _save(fig, out_dir: Path, name: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for ext, kw in (("png", {"dpi": 150}), ("pdf", {})):
-        path = out_dir / f"{name}.{ext}"
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=f".{ext}")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format=ext, bbox_inches="tight", **kw)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        paths.append(path)
+        paths.append(atomic_write(out_dir / f"{name}.{ext}",
+                                  lambda tmp: fig.savefig(tmp, format=ext, bbox_inches="tight", **kw)))
     plt.close(fig)
     return paths
 
@@ -248,7 +241,7 @@ def _loss_figure(df: pd.DataFrame, out_dir: Path):
     runs = runs[runs["method"] != "base"]
     logs = []
     for r in runs.itertuples(index=False):
-        log = R.read_train_log(Path(r.run_dir) / "train_log.jsonl")
+        log = report.read_train_log(Path(r.run_dir) / "train_log.jsonl")
         if len(log):
             logs.append(log[["step", "loss"]].assign(run_id=r.run_id, method=r.method, model=r.model, data=r.data,
                                                      rank=r.rank, bits=r.bits, group_size=r.group_size,

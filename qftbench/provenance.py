@@ -1,12 +1,10 @@
 """Provenance recorded with every result: git commit, package versions, hardware, seeds, timings."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
 import subprocess
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -110,18 +108,3 @@ def hardware() -> dict[str, Any]:
 
 def record(**extra) -> dict[str, Any]:
     return {"git": git_info(), "versions": versions(), "hardware": hardware(), "time": time.time(), **extra}
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write JSON to a temporary file in the same folder and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path

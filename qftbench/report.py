@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -39,6 +38,8 @@ import pandas as pd
 import yaml
 
 # the requantization setting's defaults and its mode names (requant-w<bits>g<group>[-rtn]): the config's own
+from methods.atomic import atomic_write
+
 from .config import REQUANT_DEFAULTS as DEFAULT_REQUANT, REQUANT_MODE_RE
 
 PAPER_CSV = Path(__file__).resolve().parent / "reference" / "paper_results.csv"
@@ -1351,18 +1352,6 @@ def display_frame(t: pd.DataFrame) -> pd.DataFrame:
     return d.astype(str)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def to_latex(d: pd.DataFrame, caption: str | None = None) -> str:
     """booktabs tabular of a display frame (``±`` as ``$\\pm$``)."""
     text = d.to_latex(index=False, escape=True, column_format="l" * len(d.columns), caption=caption)
@@ -1381,6 +1370,6 @@ def write_tables(tabs: Mapping[str, pd.DataFrame], out_dir: str | os.PathLike) -
                 (".md", d.to_markdown(index=False, disable_numparse=True) + "\n"),
                 (".tex", to_latex(d))):
             p = out / f"{name}{suffix}"
-            _atomic_write(p, text)
+            atomic_write(p, text)
             paths.append(p)
     return paths

@@ -413,21 +413,21 @@ def format_disagreements(found: list[dict], max_runs: int = 3) -> str:
 def expand_presets(sweep: dict, where: str = "sweep") -> dict:
     """``{None: runs as written, preset: runs with every entry under that preset}`` for each of the sweep's
     ``presets`` (as ``snakemake --config preset=P`` runs it, entries' own ``preset:`` keys set aside)."""
-    from . import sweep as S
+    from . import sweep as sweeps
 
-    out = {None: S.expand(sweep, where=where)}
+    out = {None: sweeps.expand(sweep, where=where)}
     for name in sweep.get("presets") or {}:
         forced = {**sweep, "preset": name,
                   "methods": [{k: v for k, v in e.items() if k != "preset"} for e in sweep["methods"]]}
-        out[name] = S.expand(forced, where=f"{where} (preset {name})")
+        out[name] = sweeps.expand(forced, where=f"{where} (preset {name})")
     return out
 
 
 def check_sweep(path: str | Path = PAPER_YAML, data: dict | None = None) -> list[dict]:
     """:func:`check_paper_config` over every run of the sweep config at ``path``, under each of its presets."""
-    from . import sweep as S
+    from . import sweep as sweeps
 
-    return check_paper_config(expand_presets(S.load(path), where=str(path)), data)
+    return check_paper_config(expand_presets(sweeps.load(path), where=str(path)), data)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,7 @@ import math
 
 from methods.errors import ConfigError, did_you_mean
 
-from . import config as C
+from . import config
 
 RESOURCE_KEYS = {"mem_mb": int, "runtime": int, "gpu": int, "gpu_model": str, "cpus": int, "threads": int,
                  "eval_runtime": int, "eval_mem_mb": int, "quantize_runtime": int, "slurm_extra": str}
@@ -138,7 +138,7 @@ def load(path: str | os.PathLike, overrides: dict | None = None) -> dict:
         raise ConfigError(f"sweep config {p} does not exist.")
     raw = yaml.safe_load(p.read_text()) or {}
     if overrides:
-        raw = C._merge(raw, overrides)
+        raw = config._merge(raw, overrides)
     return raw
 
 
@@ -165,7 +165,7 @@ def _run_axes(grid: dict, where: str) -> dict[tuple[str, str], list]:
             continue
         section, _, key = name.partition(".")
         if section not in RUN_AXES:
-            if section in C.SCHEMA["properties"]:
+            if section in config.SCHEMA["properties"]:
                 why = {"eval": "evaluation settings do not change the run, so every value would map to the same "
                                "run id; put one value in run.eval, or use one sweep per setting",
                        "paths": "paths do not change the run; set them in run.paths",
@@ -178,7 +178,7 @@ def _run_axes(grid: dict, where: str) -> dict[tuple[str, str], list]:
             raise ConfigError(f"{where}: unknown section {section!r} in grid key {name!r}."
                               f"{did_you_mean(section, RUN_AXES)} A dotted grid key is <section>.<key> with "
                               f"<section> one of {', '.join(RUN_AXES)} (e.g. train.lr).")
-        allowed = C.SCHEMA["properties"][section]["properties"]
+        allowed = config.SCHEMA["properties"][section]["properties"]
         if "." in key or key not in allowed:
             raise ConfigError(f"{where}: unknown key {key!r} in grid key {name!r}.{did_you_mean(key, allowed)} "
                               f"Allowed keys in {section}: {', '.join(sorted(allowed))}.")
@@ -229,8 +229,8 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
     run_axes = _run_axes(sweep.get("grid", {}), where)
     base = sweep.get("run", {})
     for k in base:
-        if k not in C.SCHEMA["properties"] or k in ("model", "method", "data", "seed"):
-            allowed = sorted(set(C.SCHEMA["properties"]) - {"model", "method", "data", "seed"})
+        if k not in config.SCHEMA["properties"] or k in ("model", "method", "data", "seed"):
+            allowed = sorted(set(config.SCHEMA["properties"]) - {"model", "method", "data", "seed"})
             raise ConfigError(f"{where}: unknown key {k!r} in run.{did_you_mean(k, allowed)} Allowed: "
                               f"{', '.join(allowed)} (model, method, data and seed come from the grid).")
     ov = sweep.get("overrides", {})
@@ -302,11 +302,11 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
                         raw = copy.deepcopy(base)
                         sources = [(f"overrides.method.{variant['name']}", ov.get("method", {}).get(variant["name"])),
                                    (f"overrides.model.{model['label']}", ov.get("model", {}).get(model["label"]))]
-                        raw = C._merge(raw, ov.get("method", {}).get(variant["name"], {}))
-                        raw = C._merge(raw, ov.get("model", {}).get(model["label"], {}))
+                        raw = config._merge(raw, ov.get("method", {}).get(variant["name"], {}))
+                        raw = config._merge(raw, ov.get("model", {}).get(model["label"], {}))
                         if "train" in entry:  # this entry's own run settings (after the by-name overrides)
                             sources.append((f"methods[{mi}].train", {"train": entry["train"]}))
-                            raw = C._merge(raw, {"train": entry["train"]})
+                            raw = config._merge(raw, {"train": entry["train"]})
                         facts = {"method": variant["name"], "model": model["label"], "data": data_label,
                                  "bits": variant.get("bits"), "rank": variant.get("rank"), "seed": seed}
                         preset = entry.get("preset", sweep.get("preset"))
@@ -317,7 +317,7 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
                                 sources.append((f"{src}.set", rule["set"]))
                                 extra = copy.deepcopy(rule["set"])
                                 variant = {**variant, **extra.pop("method", {})}
-                                raw = C._merge(raw, extra)
+                                raw = config._merge(raw, extra)
                         for (section, key), value in setting.items():
                             for src, node in sources:
                                 if _sets(node, section, key):
@@ -340,17 +340,17 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
                         if model["label"] != Path(model["name"]).name:
                             raw["model"]["label"] = model["label"]
                         raw["method"] = variant
-                        raw["data"] = C._merge(raw.get("data", {}), data)
+                        raw["data"] = config._merge(raw.get("data", {}), data)
                         raw["seed"] = seed
                         label = (f"{where}: run (model={model['label']}, data={data_label}, method={variant}"
                                  + "".join(f", {sec}.{k}={v!r}" for (sec, k), v in setting.items()) + ")")
-                        cfg = C.resolve(raw, where=label)
+                        cfg = config.resolve(raw, where=label)
                         _check_shapes(model, cfg, label)
                         cfg["sweep"] = {"name": sweep.get("name", "sweep"), "model_label": model["label"],
                                         "data_label": data_label}
                         if preset is not None:
                             cfg["sweep"]["preset"] = preset
-                        rid = C.run_id(cfg)
+                        rid = config.run_id(cfg)
                         if rid in runs and _placement(runs[rid]) != _placement(cfg):
                             raise ConfigError(f"{label}: the same run appears twice in the sweep ({rid}).")
                         runs.setdefault(rid, cfg)  # equal under two presets: one run (the first preset named)
@@ -421,7 +421,7 @@ def resources(sweep: dict, cfg: dict) -> dict[str, Any]:
     return res
 
 
-training_view = C.training_view  # (the finetune job's config; defined next to TRAINING_KEYS)
+training_view = config.training_view  # (the finetune job's config; defined next to TRAINING_KEYS)
 
 
 def eval_jobs(cfg: dict) -> list[dict]:
@@ -429,11 +429,11 @@ def eval_jobs(cfg: dict) -> list[dict]:
     becomes one mode per ``eval.requant`` setting when that is a list (``requant-w3g32``, ...)."""
     import methods
 
-    from . import pipeline as P
+    from . import pipeline
 
     method = methods.from_config(cfg["method"])
     modes = []
-    for m in C.eval_modes(cfg):
+    for m in config.eval_modes(cfg):
         m = method.deploy if m == "deploy" else m
         if method.name == "base":
             m = "base"
@@ -441,12 +441,15 @@ def eval_jobs(cfg: dict) -> list[dict]:
             modes.append(m)
     out = []
     for mode in modes:
-        for tasks, shots in P.eval_groups(cfg):
-            key = P._tasks_key(tasks, shots)
+        for tasks, shots in pipeline.eval_groups(cfg):
+            key = pipeline._tasks_key(tasks, shots)
             out.append({"mode": mode, "tasks": tasks, "shots": shots, "key": key,
-                        "path": str(P.run_dir(cfg) / "eval" / mode / f"{key}.json")})
+                        "path": str(pipeline.run_dir(cfg) / "eval" / mode / f"{key}.json")})
     return out
 
+
+#: the figures every sweep produces (qftbench.plots; the report rule's outputs and qftbench.collate's list)
+FIGURES = ("acc_vs_params", "acc_vs_flops", "acc_vs_rank", "loss_curves")
 
 COMMONSENSE = {"hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa"}
 

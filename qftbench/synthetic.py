@@ -28,10 +28,11 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from methods.atomic import atomic_write
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -325,21 +326,6 @@ def eval_items(world: dict[str, Any], per_fact: int = 1, split: str = "test") ->
     return items
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_synthetic(out_dir: str | os.PathLike, seed: int = 0, n_entities: int = DEFAULT_N_ENTITIES,
                     phrasings_per_fact: int = DEFAULT_PHRASINGS, eval_per_fact: int = 1) -> dict[str, Any]:
     """Write ``train.json`` (Alpaca list), ``eval.jsonl`` (test), ``validation.jsonl`` (the same facts in
@@ -358,9 +344,9 @@ def write_synthetic(out_dir: str | os.PathLike, seed: int = 0, n_entities: int =
     train_text = json.dumps(train, indent=1, ensure_ascii=False) + "\n"
     eval_text = "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items)
     val_text = "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in val)
-    _atomic_write(out / "train.json", train_text)
-    _atomic_write(out / "eval.jsonl", eval_text)
-    _atomic_write(out / "validation.jsonl", val_text)
+    atomic_write(out / "train.json", train_text)
+    atomic_write(out / "eval.jsonl", eval_text)
+    atomic_write(out / "validation.jsonl", val_text)
     manifest = {
         "generator": "qftbench.synthetic",
         "version": GENERATOR_VERSION,
@@ -380,5 +366,5 @@ def write_synthetic(out_dir: str | os.PathLike, seed: int = 0, n_entities: int =
             "validation.jsonl": hashlib.sha256(val_text.encode("utf-8")).hexdigest(),
         },
     }
-    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -31,6 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import TRAIN_CHOICES, TRAIN_DEFAULTS as _D
+
 log = logging.getLogger("qftbench.train")
 
 
@@ -40,23 +42,27 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass
 class TrainConfig:
-    max_steps: int = 10000          # optimizer steps
-    batch_size: int = 16            # examples per optimizer step (= micro_batch_size * grad_accum)
-    micro_batch_size: int = 4       # examples per forward/backward
-    lr: float = 2e-4
-    lr_scheduler: str = "constant"  # constant | linear | cosine
-    warmup_steps: int = 0
-    max_grad_norm: float = 0.3
-    weight_decay: float = 0.0
-    optimizer: str = "paged_adamw_32bit"  # paged_adamw_32bit | adamw_32bit | adamw_torch
-    precision: str = "auto"         # auto (bf16 on a bf16-capable GPU, else fp32) | bf16 | fp16 | fp32
-    gradient_checkpointing: bool = False
-    save_steps: int = 200
-    keep_checkpoints: int = 2
+    """The ``train`` section of a run config, plus the seed. Defaults and choices: ``qftbench.config``'s
+    :data:`~qftbench.config.TRAIN_DEFAULTS` and :data:`~qftbench.config.TRAIN_CHOICES` (one place)."""
+
+    max_steps: int = _D["max_steps"]                # optimizer steps
+    batch_size: int = _D["batch_size"]              # examples per optimizer step (= micro_batch_size * grad_accum)
+    micro_batch_size: int = _D["micro_batch_size"]  # examples per forward/backward
+    lr: float = _D["lr"]
+    lr_scheduler: str = _D["lr_scheduler"]          # constant | linear | cosine
+    warmup_steps: int = _D["warmup_steps"]
+    max_grad_norm: float = _D["max_grad_norm"]
+    weight_decay: float = _D["weight_decay"]
+    optimizer: str = _D["optimizer"]                # paged_adamw_32bit | adamw_32bit | adamw_torch
+    precision: str = _D["precision"]                # auto (bf16 on a bf16-capable GPU, else fp32) | bf16 | fp16 | fp32
+    gradient_checkpointing: bool = _D["gradient_checkpointing"]
+    save_steps: int = _D["save_steps"]
+    keep_checkpoints: int = _D["keep_checkpoints"]
     # dtypes of the model being trained (applied by qftbench.pipeline.prepared_model, recorded here with the rest):
-    adapter_dtype: str = "float32"  # float32 | bfloat16 | float16: the trainable (adapter) weights and their AdamW
-                                    # state; bfloat16 is what qlora.py does with --bf16 (qlora.py:396-399)
-    norm_dtype: str = "model"       # model (the norms keep the model's dtype) | float32 (qlora.py:400-401)
+    adapter_dtype: str = _D["adapter_dtype"]  # float32 | bfloat16 | float16: the trainable (adapter) weights and
+                                              # their AdamW state; bfloat16 is what qlora.py does with --bf16
+                                              # (qlora.py:396-399)
+    norm_dtype: str = _D["norm_dtype"]        # model (the norms keep the model's dtype) | float32 (qlora.py:400-401)
     seed: int = 0
 
     def __post_init__(self):
@@ -68,11 +74,7 @@ class TrainConfig:
         for f in ("max_steps", "batch_size", "micro_batch_size", "save_steps"):
             if getattr(self, f) < 1:
                 raise ConfigError(f"train.{f}={getattr(self, f)} must be >= 1.")
-        choices = {"lr_scheduler": ("constant", "linear", "cosine"),
-                   "optimizer": ("paged_adamw_32bit", "adamw_32bit", "adamw_torch"),
-                   "precision": ("auto", "bf16", "fp16", "fp32"),
-                   "adapter_dtype": ("float32", "bfloat16", "float16"), "norm_dtype": ("model", "float32")}
-        for f, ch in choices.items():
+        for f, ch in TRAIN_CHOICES.items():
             if getattr(self, f) not in ch:
                 raise ConfigError(f"train.{f}={getattr(self, f)!r} is not one of {list(ch)}.")
 

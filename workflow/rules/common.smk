@@ -3,9 +3,8 @@ import json
 import sys
 from pathlib import Path
 
-from qftbench import config as C
-from qftbench import pipeline as P
-from qftbench import sweep as S
+import qftbench.config  # (not `from qftbench import config`: Snakemake's own `config` is the sweep given)
+from qftbench import pipeline, sweep
 
 PY = sys.executable  # the environment that runs snakemake runs every step (also inside SLURM jobs)
 
@@ -16,27 +15,27 @@ else:  # default, or --config sweep=path
     SWEEP_SOURCE = config.get("sweep", "config/default.yaml")
     if not Path(SWEEP_SOURCE).is_file() and (Path(workflow.basedir) / SWEEP_SOURCE).is_file():
         SWEEP_SOURCE = str(Path(workflow.basedir) / SWEEP_SOURCE)  # the repo's config/, from any --directory
-    SWEEP = S.load(SWEEP_SOURCE)
+    SWEEP = sweep.load(SWEEP_SOURCE)
     if config.get("preset"):  # --config preset=NAME also for the embedded default (e.g. preset=fp32)
         SWEEP["preset"] = config["preset"]
 SWEEP = {k: v for k, v in SWEEP.items() if k != "sweep"}
 
-RUNS = S.expand(SWEEP, where=str(SWEEP_SOURCE))  # raises a ConfigError (with the fix) before any job
+RUNS = sweep.expand(SWEEP, where=str(SWEEP_SOURCE))  # raises a ConfigError (with the fix) before any job
 if not RUNS:
     raise ValueError(f"{SWEEP_SOURCE}: the sweep has no runs")
-RESULTS = {str(P.results_dir(c)) for c in RUNS.values()}
+RESULTS = {str(pipeline.results_dir(c)) for c in RUNS.values()}
 if len(RESULTS) != 1:
     raise ValueError(f"{SWEEP_SOURCE}: every run must use the same paths.results (got {sorted(RESULTS)})")
 RESULTS = RESULTS.pop()
 OUT = {"tables": f"{RESULTS}/tables", "figures": "figures", **SWEEP.get("outputs", {})}
-RES = {rid: S.resources(SWEEP, cfg) for rid, cfg in RUNS.items()}
-for _m in S.memory_fit(SWEEP, RUNS, where=str(SWEEP_SOURCE)):  # a warning: resources.gpu_mem_gib is a guess
+RES = {rid: sweep.resources(SWEEP, cfg) for rid, cfg in RUNS.items()}
+for _m in sweep.memory_fit(SWEEP, RUNS, where=str(SWEEP_SOURCE)):  # a warning: resources.gpu_mem_gib is a guess
     if not _m["fits"]:
         print(f"qftbench WARNING: {_m['model']}: {_m['weights_gib']:.1f} GiB of {_m['dtype']} weights do not fit "
               f"on {_m['gpus']} x {_m['gpu_mem_gib']:g} GiB GPUs; its jobs will stop when loading. Fix: "
               f"{_m['fix']}.", file=sys.stderr)
 
-_slow = S.emulated_half(RUNS)  # bf16/fp16 on a CPU that only emulates it: a warning with the fix, before any job
+_slow = sweep.emulated_half(RUNS)  # bf16/fp16 on a CPU that only emulates it: a warning with the fix, before any job
 if _slow:
     print(f"qftbench WARNING: {len(_slow)} runs compute in bf16/fp16, but this CPU has no native bf16 (no AVX512-BF16 "
           f"or AMX) and there is no GPU: torch emulates it, about 20x slower than float32 (78 s vs 4 s per step "
@@ -45,17 +44,17 @@ if _slow:
 
 EVALS = {}  # (run, mode, group) -> evaluation job
 for _rid, _cfg in RUNS.items():
-    for _job in S.eval_jobs(_cfg):
+    for _job in sweep.eval_jobs(_cfg):
         EVALS[(_rid, _job["mode"], _job["key"])] = _job
 
 BASES = {}  # base folder name -> a run that builds it
 for _rid, _cfg in RUNS.items():
-    BASES.setdefault(P.base_dir(_cfg).name, _rid)
-BASE_OF = {rid: P.base_dir(cfg).name for rid, cfg in RUNS.items()}
+    BASES.setdefault(pipeline.base_dir(_cfg).name, _rid)
+BASE_OF = {rid: pipeline.base_dir(cfg).name for rid, cfg in RUNS.items()}
 
-TABLES = S.expected_tables(SWEEP, RUNS)
+TABLES = sweep.expected_tables(SWEEP, RUNS)
 TABLES_ARG = ",".join(TABLES)
-FIGURES = ["acc_vs_params", "acc_vs_flops", "acc_vs_rank", "loss_curves"]
+FIGURES = sweep.FIGURES
 
 
 wildcard_constraints:
@@ -65,20 +64,21 @@ wildcard_constraints:
     group="[^/]+",
 
 
-# every job's params: its config without the settings added at the value runs already had (C.job_view), so that
+# every job's params: its config without the settings added at the value runs already had
+# (qftbench.config.job_view), so that
 # upgrading the suite does not make Snakemake rerun (and delete) what a results folder holds
 def training_json(rid):
-    return json.dumps(C.job_view(S.training_view(RUNS[rid])), sort_keys=True)
+    return json.dumps(qftbench.config.job_view(sweep.training_view(RUNS[rid])), sort_keys=True)
 
 
 def base_json(base):
     """The quantize_base job's config: the base's spec alone (qftbench.pipeline.base_spec), so that the job has
     the same params in every sweep that shares the base, whichever run claimed it."""
-    return json.dumps(C.job_view(P.base_spec(RUNS[BASES[base]])), sort_keys=True)
+    return json.dumps(qftbench.config.job_view(pipeline.base_spec(RUNS[BASES[base]])), sort_keys=True)
 
 
 def full_json(rid):
-    return json.dumps(C.job_view(RUNS[rid]), sort_keys=True)
+    return json.dumps(qftbench.config.job_view(RUNS[rid]), sort_keys=True)
 
 
 def res(rid, key, default=None):
