@@ -12,10 +12,10 @@ from .adapter import AdapterLinear, PooledAdapter, disabled_adapters
 from .base import Geometry, Hyper, Method, count_trainable
 from .errors import ConfigError, QFTError, ShapeError
 from .adapter_io import adapter_state_dict, load_adapter, save_adapter
-from .registry import REGISTRY, build, from_config, get, names, register
+from .registry import REGISTRY, build, from_config, get, load_plugins, names, register
 
 __all__ = [
     "AdapterLinear", "PooledAdapter", "disabled_adapters", "Geometry", "Hyper", "Method", "count_trainable",
     "ConfigError", "QFTError", "ShapeError", "adapter_state_dict", "load_adapter", "save_adapter",
-    "REGISTRY", "build", "from_config", "get", "names", "register",
+    "REGISTRY", "build", "from_config", "get", "load_plugins", "names", "register",
 ]

@@ -9,10 +9,11 @@ import sys
 def cmd_methods(args) -> int:
     import methods
 
+    methods.load_plugins([x for x in (args.plugins or "").split(",") if x], where="--plugins")
     out = {}
     for name in methods.names():
         cls = methods.get(name)
-        out[name] = {"label": cls.label or name, "summary": cls.summary,
+        out[name] = {"label": cls.label or name, "summary": cls.summary, "builtin": name in methods.registry.BUILTIN,
                      "deploy": getattr(cls, "deploy_summary", cls.deploy),
                      "hyperparameters": {k: {"default": h.default, "doc": h.doc,
                                              **({"choices": list(h.choices)} if h.choices else {})}
@@ -153,6 +154,8 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("methods", help="list the registered methods and their hyperparameters")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--plugins", default=None,
+                   help="comma-separated modules or .py files that register methods of one's own (a sweep's plugins:)")
     s.set_defaults(func=cmd_methods)
     s = sub.add_parser("demo", help="fine-tune a tiny random model with every method and compare (about a minute)")
     s.add_argument("--steps", type=int, default=60)

@@ -21,9 +21,28 @@ import yaml
 
 from methods.errors import ConfigError, did_you_mean
 
-DEPLOY_MODES = ("deploy", "4+16", "int-merge", "fp16-merge", "requant", "base")
+#: the run config's schema: types, allowed values and defaults of every setting, in one YAML file (read once)
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
+SCHEMA: dict = yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _defaults(node: dict) -> dict:
+    """The ``default:`` values of a schema object, sections as nested dicts."""
+    out = {}
+    for k, p in node.get("properties", {}).items():
+        if "default" in p:
+            out[k] = copy.deepcopy(p["default"])
+        elif p.get("type") == "object" and "properties" in p:
+            out[k] = _defaults(p)
+    return out
+
+
+#: every default of a run config (from :data:`SCHEMA`)
+DEFAULTS: dict[str, Any] = _defaults(SCHEMA)
+_EVAL = SCHEMA["properties"]["eval"]["properties"]
+DEPLOY_MODES = tuple(_EVAL["modes"]["items"]["enum"])
 #: one re-quantization setting (``eval.requant``, or each entry of a list of them)
-REQUANT_DEFAULTS = {"bits": 4, "group_size": 32, "quantizer": "gptq"}
+REQUANT_DEFAULTS = dict(DEFAULTS["eval"]["requant"])
 #: the evaluation mode of one entry of an ``eval.requant`` list (see :func:`requant_mode_name`)
 REQUANT_MODE_RE = re.compile(r"^requant-w(\d+)g(\d+)(-rtn)?$")
 
@@ -33,102 +52,11 @@ REQUANT_MODE_RE = re.compile(r"^requant-w(\d+)g(\d+)(-rtn)?$")
 #: log-likelihood of each answer letter) and the headline average (``questions``: the original script's, or
 #: ``subjects``: qlora.py's / qalora.py's mean over the 57 subjects). Both averages are computed from the
 #: per-item records of every run; the paper comparison always uses the paper's own average.
-MMLU_PROTOCOL = {"split": "test", "script": "lm-eval", "average": "questions"}
+MMLU_PROTOCOL = dict(DEFAULTS["eval"]["mmlu"])
 
-#: the training settings' defaults and choices: the one place they are written (``train.TrainConfig`` takes its
-#: defaults and checks from here, and :data:`SCHEMA` its enums)
-TRAIN_DEFAULTS = {
-    "max_steps": 10000, "batch_size": 16, "micro_batch_size": 4, "lr": 2e-4, "lr_scheduler": "constant",
-    "warmup_steps": 0, "max_grad_norm": 0.3, "weight_decay": 0.0, "optimizer": "paged_adamw_32bit",
-    "precision": "auto", "gradient_checkpointing": False, "save_steps": 200, "keep_checkpoints": 2,
-    "adapter_dtype": "float32", "norm_dtype": "model",
-}
-TRAIN_CHOICES = {
-    "lr_scheduler": ("constant", "linear", "cosine"),
-    "optimizer": ("paged_adamw_32bit", "adamw_32bit", "adamw_torch"),
-    "precision": ("auto", "bf16", "fp16", "fp32"),  # auto: bf16 on a bf16-capable GPU, else fp32
-    "adapter_dtype": ("float32", "bfloat16", "float16"),
-    "norm_dtype": ("model", "float32"),
-}
-
-DEFAULTS: dict[str, Any] = {
-    "model": {"name": "smollm2-135m", "dtype": "float32"},
-    "method": {"name": "qlora"},
-    "data": {"source": "synthetic", "path": None, "n": None, "holdout": 0, "seed": 0, "empty_outputs": "keep",
-             "prompt": "alpaca", "source_max_len": 384, "target_max_len": 128,
-             "synthetic": {"seed": 0, "n_entities": None, "phrasings_per_fact": None, "eval_per_fact": None}},
-    "calibration": {"source": None, "path": None, "n_samples": 128, "seq_len": 512, "seed": 0},
-    "train": TRAIN_DEFAULTS,
-    "eval": {"tasks": ["qft_synthetic"], "num_fewshot": {}, "limit": None, "batch_size": 8,
-             "data_root": None, "modes": ["deploy"], "seed": 1234,
-             "requant": dict(REQUANT_DEFAULTS),  # or a list of such settings
-             "mmlu": dict(MMLU_PROTOCOL)},
-    "seed": 0,
-    "paths": {"results": "results", "scratch": "scratch", "cache": None},
-}
-
-_num = {"type": "number"}
-_int = {"type": "integer"}
-_str = {"type": "string"}
-_bool = {"type": "boolean"}
-_null = {"type": "null"}
-
-
-def _obj(props: dict, required=(), extra=False) -> dict:
-    return {"type": "object", "properties": props, "required": list(required), "additionalProperties": extra}
-
-
-_REQUANT = _obj({"bits": {"enum": [2, 3, 4, 8]}, "group_size": {"type": "integer", "minimum": 1},
-                 "quantizer": {"enum": ["gptq", "rtn"]}})
-
-SCHEMA = _obj({
-    "model": _obj({"name": _str, "label": _str,
-                   "dtype": {"enum": ["float32", "bfloat16", "float16", "auto"]}}, ["name"]),
-    "method": {"type": "object", "properties": {"name": _str}, "required": ["name"],
-               "additionalProperties": True},  # hyperparameters: checked by methods.build
-    "data": _obj({
-        "source": {"enum": ["synthetic", "alpaca", "flan_v2", "local"]},
-        "path": {"type": ["string", "null"]}, "n": {"type": ["integer", "null"], "minimum": 1},
-        "holdout": {"type": "integer", "minimum": 0}, "seed": _int,
-        "empty_outputs": {"enum": ["keep", "drop"]},
-        "prompt": {"enum": ["alpaca", "alpaca-trailing-space"]},
-        "source_max_len": {"type": "integer", "minimum": 1}, "target_max_len": {"type": "integer", "minimum": 1},
-        "synthetic": _obj({"seed": _int, "n_entities": {"type": ["integer", "null"], "minimum": 1},
-                           "phrasings_per_fact": {"type": ["integer", "null"], "minimum": 1},
-                           "eval_per_fact": {"type": ["integer", "null"], "minimum": 1}}),
-    }),
-    "calibration": _obj({"source": {"enum": [None, "synthetic", "alpaca", "flan_v2", "local"]}, "path": {"type": ["string", "null"]},
-                         "n_samples": {"type": "integer", "minimum": 1}, "seq_len": {"type": "integer", "minimum": 8},
-                         "seed": _int}),
-    "train": _obj({
-        "max_steps": {"type": "integer", "minimum": 1}, "batch_size": {"type": "integer", "minimum": 1},
-        "micro_batch_size": {"type": "integer", "minimum": 1}, "lr": {"type": "number", "exclusiveMinimum": 0},
-        "lr_scheduler": {"enum": list(TRAIN_CHOICES["lr_scheduler"])}, "warmup_steps": {"type": "integer", "minimum": 0},
-        "max_grad_norm": {"type": "number", "exclusiveMinimum": 0}, "weight_decay": {"type": "number", "minimum": 0},
-        "optimizer": {"enum": list(TRAIN_CHOICES["optimizer"])},
-        "precision": {"enum": list(TRAIN_CHOICES["precision"])}, "gradient_checkpointing": _bool,
-        "save_steps": {"type": "integer", "minimum": 1}, "keep_checkpoints": {"type": "integer", "minimum": 1},
-        "adapter_dtype": {"enum": list(TRAIN_CHOICES["adapter_dtype"])},
-        "norm_dtype": {"enum": list(TRAIN_CHOICES["norm_dtype"])},
-    }),
-    "eval": _obj({
-        "tasks": {"type": "array", "items": _str, "minItems": 1},
-        "num_fewshot": {"type": "object", "additionalProperties": {
-            "anyOf": [{"type": "integer", "minimum": 0},
-                      {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}]}},
-        "limit": {"anyOf": [_null, {"type": "number", "exclusiveMinimum": 0},
-                            {"type": "object", "additionalProperties": {"type": "number", "exclusiveMinimum": 0}}]},
-        "batch_size": {"anyOf": [{"type": "integer", "minimum": 1}, {"enum": ["auto"]}]},
-        "data_root": {"type": ["string", "null"]},
-        "modes": {"type": "array", "items": {"enum": list(DEPLOY_MODES)}, "minItems": 1},
-        "seed": _int,
-        "requant": {"anyOf": [_REQUANT, {"type": "array", "items": _REQUANT, "minItems": 1}]},
-        "mmlu": _obj({"split": {"enum": ["test", "validation"]}, "script": {"enum": ["lm-eval", "hendrycks"]},
-                      "average": {"enum": ["questions", "subjects"]}}),
-    }),
-    "seed": _int,
-    "paths": _obj({"results": _str, "scratch": _str, "cache": {"type": ["string", "null"]}}),
-}, ["method"])
+#: the training settings' defaults and choices (``train.TrainConfig`` takes its defaults and checks from here)
+TRAIN_DEFAULTS = dict(DEFAULTS["train"])
+TRAIN_CHOICES = {k: tuple(p["enum"]) for k, p in SCHEMA["properties"]["train"]["properties"].items() if "enum" in p}
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -202,16 +130,75 @@ def resolve(raw: dict | None, where: str = "config") -> dict:
     errors = sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError(_explain(errors[0], where))
+    methods.load_plugins(cfg["plugins"], where=f"{where}: plugins")  # before the method is looked up
     try:
         method = methods.from_config(cfg["method"])
     except ConfigError as e:
         raise ConfigError(f"{where}: method: {e}") from None
     cfg["method"] = {"name": method.name, **method.hp}
+    _check_model(cfg["model"], method, where)
     _check_requant(cfg["eval"]["requant"], where)
     _check_task_keys(cfg, where)
     _check_combinations(cfg, method, where)
     _check_tasks(tuple(cfg["eval"]["tasks"]), cfg["eval"]["data_root"], where)
     return cfg
+
+
+_SHAPES: dict[tuple, list | None] = {}
+
+
+def _model_shapes(model: dict) -> list | None:
+    """Target-layer shapes from the model's config alone (a built-in name, its hub id, a local folder's
+    config.json), or None for a hub model whose config is not shipped (checked by its first job, before compute)."""
+    key = (model["name"], model.get("label"))
+    if key not in _SHAPES:
+        from .accounting import linear_shapes, load_config
+
+        cfg = None
+        if model["name"] == "tiny-llama":
+            from .models import tiny_llama_config
+
+            cfg = tiny_llama_config().to_dict()
+        else:
+            for cand in (model.get("label"), model["name"]):
+                try:
+                    cfg = load_config(cand)[1]
+                    break
+                except Exception:  # noqa: BLE001 - not known from a config alone
+                    continue
+        _SHAPES[key] = linear_shapes(cfg) if cfg is not None else None
+    return _SHAPES[key]
+
+
+#: how a model name marks a local folder (qftbench.models.load_model reads it as a path, never from the hub)
+LOCAL_PREFIXES = ("./", "../", "/", "~")
+
+
+def _check_model(model: dict, method, where: str) -> None:
+    """What can be checked of the model before any job: a local folder exists and holds a config.json; the
+    method's groups and tiles divide every target layer's widths (from the model's config alone)."""
+    import methods
+
+    name = str(model["name"])
+    if name.startswith(LOCAL_PREFIXES):
+        folder = Path(name).expanduser()
+        if not (folder / "config.json").is_file():
+            why = "does not exist" if not folder.exists() else "holds no config.json"
+            raise ConfigError(f"{where}: model.name={name!r} is a local folder (it starts with "
+                              f"{next(p for p in LOCAL_PREFIXES if name.startswith(p))!r}) that {why} (looked in "
+                              f"{folder.resolve()}). Fix: give the folder of a saved model (config.json and weights), "
+                              f"relative to the folder you run from, or a hub id / built-in name without ./ or /.")
+    shapes = _model_shapes(model)
+    if shapes is None:
+        return
+    targets = method.hp.get("targets", "all-linear")
+    if targets != "all-linear":
+        ts = [targets] if isinstance(targets, str) else targets
+        shapes = [s for s in shapes if any(s[0] == t or s[0].endswith("." + t) for t in ts)]
+    try:
+        method.check_shapes(shapes)
+    except methods.ShapeError as e:
+        raise methods.ShapeError(f"{where}: {e}") from None
 
 
 def _check_requant(rq, where: str) -> None:
@@ -409,19 +396,26 @@ def _drop_neutral(view: dict, neutral_values: dict) -> dict:
     return view
 
 
+def _drop_empty_plugins(view: dict) -> dict:
+    if not view.get("plugins"):
+        view.pop("plugins", None)
+    return view
+
+
 def job_view(cfg: dict) -> dict:
     """The config a Snakemake job carries as its params (JSON on its command line): the run config without the
     ``sweep`` section and without the settings of :data:`JOB_NEUTRAL` at their neutral values. A setting added
     to the suite at the value that runs already had therefore leaves every existing job's params as they were,
     so Snakemake does not rerun (and delete) what a results folder already holds; the job resolves the same
     config from it (:func:`resolve` fills the defaults back in)."""
-    return _drop_neutral({k: copy.deepcopy(v) for k, v in cfg.items() if k != "sweep"}, JOB_NEUTRAL)
+    return _drop_empty_plugins(_drop_neutral({k: copy.deepcopy(v) for k, v in cfg.items() if k != "sweep"},
+                                             JOB_NEUTRAL))
 
 
 def training_view(cfg: dict) -> dict:
     """The part of a run config that determines the base and the training (what prepare/finetune get, and what a
-    run folder's config.yaml records)."""
-    return {k: cfg[k] for k in (*TRAINING_KEYS, "paths")}
+    run folder's config.yaml records), with the plugins that define its method when it has any."""
+    return _drop_empty_plugins({k: cfg[k] for k in (*TRAINING_KEYS, "paths", "plugins") if k in cfg})
 
 
 def hash_view(cfg: dict) -> dict:

@@ -112,6 +112,8 @@ def base_spec(cfg) -> dict:
     method = build_method(cfg)
     spec = {"model": cfg["model"], "method": _base_method(cfg),
             "paths": {"results": cfg["paths"]["results"], "cache": cfg["paths"].get("cache")}}
+    if cfg.get("plugins") and spec["method"]["name"] not in methods.registry.BUILTIN:
+        spec["plugins"] = cfg["plugins"]  # the job must import the module that defines the method
     if method.hp.get("quantizer") == "gptq":
         spec["calibration"] = cfg["calibration"]
         if cfg["calibration"]["source"] in (None, "synthetic"):  # drawn from the run's data (or its synthetic

@@ -1,6 +1,7 @@
 """The run records and their declared schemas (``qftbench/schemas/*.schema.yaml``).
 
-A run folder holds ``accounting.json``, ``train.json`` and ``provenance.json`` (written by the finetune step) and one
+A run folder holds ``config.yaml`` (the configuration that trained it; ``config.schema.yaml``, the run config's own
+schema), ``accounting.json``, ``train.json`` and ``provenance.json`` (written by the finetune step) and one
 ``eval/<mode>/<tasks>.json`` per evaluation job (the evaluate step). Each has a JSON schema beside this module;
 :func:`validate` checks one record against its schema and, for evaluation records, that the per-item results are
 whole (every list of a task has one entry per item, and as many items as lm-eval's ``n`` for that task), which the
@@ -22,7 +23,7 @@ import yaml
 from methods.errors import QFTError
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
-KINDS = ("accounting", "train", "provenance", "eval")
+KINDS = ("config", "accounting", "train", "provenance", "eval")
 
 
 class RecordError(QFTError, ValueError):
@@ -69,6 +70,9 @@ def validate_run(run_dir: str | os.PathLike) -> list[Path]:
     """Validate every record of a finished run folder; returns the files checked."""
     rd = Path(run_dir)
     checked = []
+    if (rd / "config.yaml").is_file():
+        validate("config", yaml.safe_load((rd / "config.yaml").read_text()), where=str(rd / "config.yaml"))
+        checked.append(rd / "config.yaml")
     for kind in ("accounting", "train", "provenance"):
         p = rd / f"{kind}.json"
         if p.is_file():

@@ -285,10 +285,28 @@ def run_labels(cfg: Mapping) -> dict:
     }
 
 
+def _load_plugins(cfg: dict, rd: Path) -> None:
+    """The modules that registered the run's method (its config.yaml's ``plugins``), so that the tables and figures
+    use the method's own label, style and order; a module that cannot be imported here leaves the method's name
+    in their place (with a warning), not a failed report."""
+    if not cfg.get("plugins"):
+        return
+    import warnings
+
+    import methods
+    from methods.errors import ConfigError
+
+    try:
+        methods.load_plugins(cfg["plugins"], where=f"{rd}/config.yaml: plugins")
+    except ConfigError as e:
+        warnings.warn(f"{e} (the run's method is labelled by its name)")
+
+
 def _run_info(rd: Path) -> dict | None:
     cfg = yaml.safe_load((rd / "config.yaml").read_text()) if (rd / "config.yaml").is_file() else None
     if not cfg:
         return None
+    _load_plugins(cfg, rd)
     m, train, acc = table_method(cfg), _read_json(rd / "train.json"), _read_json(rd / "accounting.json")
     return {
         "run_id": rd.name,

@@ -20,6 +20,8 @@ A sweep config (``config/default.yaml``, ``config/paper.yaml``, ...) has these k
     preset:    paper              # the preset of every method entry without its own `preset:`
     resources: {default: {...}, models: {llama-65b: {gpu: 2, ...}}}
     outputs:   {tables: results/tables, figures: figures}
+    plugins:   [my_methods/mine.py]   # modules (or .py files) that register methods of one's own, imported by
+                                      # every job and the report (methods.load_plugins; README "Adding a method")
 
 Presets hold the settings on which a paper and its released code disagree (config/paper.yaml,
 docs/SETTINGS.md): a run takes its rules last, after ``overrides`` (so a preset's value is the one that runs),
@@ -60,55 +62,13 @@ from methods.errors import ConfigError, did_you_mean
 
 from . import config
 
-RESOURCE_KEYS = {"mem_mb": int, "runtime": int, "gpu": int, "gpu_model": str, "cpus": int, "threads": int,
-                 "eval_runtime": int, "eval_mem_mb": int, "quantize_runtime": int, "slurm_extra": str}
+#: the sweep config's schema (qftbench/schemas/sweep.schema.yaml; workflow/schemas/ links to it)
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "sweep.schema.yaml"
+SCHEMA: dict = yaml.safe_load(SCHEMA_PATH.read_text())
+#: a job's resource keys and their types (the schema's $defs.resources)
+RESOURCE_KEYS = {k: int if p["type"] == "integer" else str
+                 for k, p in SCHEMA["$defs"]["resources"]["properties"].items()}
 DEFAULT_RESOURCES = {"mem_mb": 8000, "runtime": 60, "gpu": 0, "cpus": 1, "threads": 1}
-
-#: ``overrides.match`` and each preset: rules ``{when: {method, model, data, bits, rank, seed: [..]}, set: {..}}``
-_RULES = {"type": "array", "items": {
-    "type": "object", "required": ["when", "set"], "additionalProperties": False,
-    "properties": {"when": {"type": "object", "additionalProperties": False, "properties": {
-        k: {"type": "array", "items": {"type": ["string", "integer"]}}
-        for k in ("method", "model", "data", "bits", "rank", "seed")}},
-        "set": {"type": "object"}}}}
-_res = {"type": "object", "properties": {k: {"type": "integer" if t is int else "string"}
-                                         for k, t in RESOURCE_KEYS.items()}, "additionalProperties": False}
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string"},
-        "description": {"type": "string"},
-        "models": {"type": "array", "minItems": 1, "items": {"anyOf": [
-            {"type": "string"},
-            {"type": "object", "properties": {"name": {"type": "string"}, "label": {"type": "string"},
-                                              "dtype": {"type": "string"}, "resources": _res},
-             "required": ["name"], "additionalProperties": False}]}},
-        "data": {"type": "object", "minProperties": 1, "additionalProperties": {"type": "object"}},
-        "methods": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["name"]}},
-        # a method entry may carry `models: [labels]` / `data: [labels]` to run only there, `seeds: [..]`
-        # (a subset of the sweep's seeds) to run only at those, and `train: {..}` (settings of its runs only)
-        "grid": {"type": "object", "additionalProperties": {"type": "array", "minItems": 1}},
-        "seeds": {"type": "array", "minItems": 1, "items": {"type": "integer"}},
-        "run": {"type": "object"},
-        "overrides": {"type": "object", "properties": {
-            "method": {"type": "object", "additionalProperties": {"type": "object"}},
-            "model": {"type": "object", "additionalProperties": {"type": "object"}},
-            "match": _RULES},
-            "additionalProperties": False},
-        "presets": {"type": "object", "additionalProperties": _RULES},
-        "claims": {"type": "array"},  # checked by qftbench.claims.validate
-        "preset": {"type": "string"},
-        "resources": {"type": "object", "properties": {
-            "default": _res, "models": {"type": "object", "additionalProperties": _res},
-            "gpu_tflops": {"type": "number"}, "mfu": {"type": "number"},
-            "gpu_mem_gib": {"type": "number", "exclusiveMinimum": 0}}, "additionalProperties": False},
-        "outputs": {"type": "object", "properties": {"tables": {"type": "string"}, "figures": {"type": "string"},
-                                                     "report": {"type": "string"}},
-                    "additionalProperties": False},
-    },
-    "required": ["models", "data", "methods"],
-    "additionalProperties": False,
-}
 
 
 def _explain(err: jsonschema.ValidationError, where: str) -> str:
@@ -236,6 +196,12 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
     ov = sweep.get("overrides", {})
     import methods as _m
 
+    if "plugins" in base:
+        raise ConfigError(f"{where}: run.plugins: list the plugin modules at the top of the sweep (plugins: [...]), "
+                          f"where every run and the report see them.")
+    plugins = list(sweep.get("plugins", []))
+    _m.load_plugins(plugins, where=f"{where}: plugins")  # before any method name is looked up
+
     for name in ov.get("method", {}):
         if name not in _m.names():
             raise ConfigError(f"{where}: overrides.method.{name}: unknown method.{did_you_mean(name, _m.names())}")
@@ -342,10 +308,11 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
                         raw["method"] = variant
                         raw["data"] = config._merge(raw.get("data", {}), data)
                         raw["seed"] = seed
+                        if plugins:
+                            raw["plugins"] = plugins
                         label = (f"{where}: run (model={model['label']}, data={data_label}, method={variant}"
                                  + "".join(f", {sec}.{k}={v!r}" for (sec, k), v in setting.items()) + ")")
                         cfg = config.resolve(raw, where=label)
-                        _check_shapes(model, cfg, label)
                         cfg["sweep"] = {"name": sweep.get("name", "sweep"), "model_label": model["label"],
                                         "data_label": data_label}
                         if preset is not None:
@@ -364,48 +331,6 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
 def _placement(cfg: dict) -> dict:
     """Where a run sits in its sweep (model and data labels), its preset aside: two presets may name one run."""
     return {k: v for k, v in cfg["sweep"].items() if k != "preset"}
-
-
-_SHAPES: dict[str, list | None] = {}
-
-
-def _model_shapes(model: dict) -> list | None:
-    """Target-layer shapes from the model's config alone, when it is known without downloading anything."""
-    key = model["name"]
-    if key not in _SHAPES:
-        from .accounting import linear_shapes, load_config
-
-        cfg = None
-        if model["name"] == "tiny-llama":
-            from .models import tiny_llama_config
-
-            cfg = tiny_llama_config().to_dict()
-        else:
-            for cand in (model["label"], model["name"]):
-                try:
-                    cfg = load_config(cand)[1]
-                    break
-                except Exception:
-                    continue
-        _SHAPES[key] = linear_shapes(cfg) if cfg is not None else None
-    return _SHAPES[key]
-
-
-def _check_shapes(model: dict, cfg: dict, where: str) -> None:
-    import methods
-
-    shapes = _model_shapes(model)
-    if shapes is None:  # an unknown hub model: checked by the first job, before any compute
-        return
-    m = methods.from_config(cfg["method"])
-    targets = m.hp.get("targets", "all-linear")
-    if targets != "all-linear":
-        ts = [targets] if isinstance(targets, str) else targets
-        shapes = [s for s in shapes if any(s[0] == t or s[0].endswith("." + t) for t in ts)]
-    try:
-        m.check_shapes(shapes)
-    except methods.ShapeError as e:
-        raise methods.ShapeError(f"{where}: {e}") from None
 
 
 def resources(sweep: dict, cfg: dict) -> dict[str, Any]:
@@ -446,6 +371,27 @@ def eval_jobs(cfg: dict) -> list[dict]:
             out.append({"mode": mode, "tasks": tasks, "shots": shots, "key": key,
                         "path": str(pipeline.run_dir(cfg) / "eval" / mode / f"{key}.json")})
     return out
+
+
+RUNS_COLUMNS = ("run_id", "model", "method", "rank", "bits", "group", "data", "lr", "seed", "base", "evaluations")
+
+
+def runs_table(runs: Mapping[str, dict]) -> str:
+    """The sweep's runs as a readable TSV (``<tables>/runs.tsv``), one line per run in the sweep's order: its id
+    (= its folder under ``results/runs/``), model and data labels, method, rank, bits, group, learning rate, seed,
+    the folder of its quantized base (``results/cache/bases/``, shared by the runs that name the same one) and its
+    number of evaluation jobs. Empty cells for what a method does not have (a 16-bit base has no group)."""
+    from . import pipeline
+
+    lines = ["\t".join(RUNS_COLUMNS)]
+    for rid, cfg in runs.items():
+        m = cfg["method"]
+        row = {"run_id": rid, "model": cfg["sweep"]["model_label"], "method": m["name"], "rank": m.get("rank"),
+               "bits": m.get("bits"), "group": m.get("group_size"), "data": cfg["sweep"]["data_label"],
+               "lr": None if m["name"] == "base" else cfg["train"]["lr"], "seed": cfg["seed"],
+               "base": pipeline.base_dir(cfg).name, "evaluations": len(eval_jobs(cfg))}
+        lines.append("\t".join("" if row[c] is None else str(row[c]) for c in RUNS_COLUMNS))
+    return "\n".join(lines) + "\n"
 
 
 #: the figures every sweep produces (qftbench.plots; the report rule's outputs and qftbench.collate's list)

@@ -69,3 +69,35 @@ def pytest_sessionfinish(session, exitstatus):
         print(f"\nERROR: the test run left {len(new)} new file(s) in the repository {REPO}: {new[:20]}. "
               f"Tests must write under tmp_path (or ignore the file in .gitignore if it is a cache).")
         session.exitstatus = 1
+
+
+#: a method of one's own in a module of its own, registered by its last line: what a user writes (README, "Adding a
+#: method"); a QLoRA under another name, so that it shares QLoRA's NF4 base
+PLUGIN_SOURCE = '''"""A method of one's own (a test): QLoRA under another name, label and style."""
+import methods
+from methods.qlora import QLoRA
+
+
+class MyQLoRA(QLoRA):
+    name = "myqlora"
+    label = "My QLoRA"
+    plot_style = ("#000000", "P")
+    summary = "QLoRA under another name (a plugin, tests)"
+    paper_rows = {}
+
+
+methods.register("myqlora", MyQLoRA)
+'''
+
+
+@pytest.fixture
+def clean_registry():
+    """Restores the method registry (and the record of imported plugins) after a test that registers a method."""
+    from methods import registry
+
+    saved, loaded = dict(registry.REGISTRY), dict(registry._LOADED)
+    yield registry
+    registry.REGISTRY.clear()
+    registry.REGISTRY.update(saved)
+    registry._LOADED.clear()
+    registry._LOADED.update(loaded)

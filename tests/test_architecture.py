@@ -5,8 +5,11 @@ circle is still a circle for a reader following the code)."""
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parents[1]
 PACKAGES = ("qftbench", "methods")
@@ -146,28 +149,57 @@ def test_each_method_owns_its_label_and_figure_style():
     assert len(set(styles.values())) == len(styles), styles
 
 
-def test_a_method_registered_in_one_line_is_listed_and_labelled(tmp_path, monkeypatch, capsys):
-    """A method in a module of one's own, registered with one line, is listed by ``qftbench methods`` and gets
-    its own label and style in the figures: nothing else in the suite names it."""
+def test_a_method_registered_in_one_line_is_listed_and_labelled(tmp_path, monkeypatch, capsys, clean_registry):
+    """A method in a module of one's own, registered by one line in it, is listed by ``qftbench methods --plugins
+    FILE`` and gets its own label and style in the figures: nothing else in the suite names it. (The same module
+    through the Snakemake DAG: tests/test_workflow.py.)"""
     import json
 
     import methods
     from qftbench import cli, plots
+    from tests.conftest import PLUGIN_SOURCE
 
-    (tmp_path / "my_method.py").write_text(
-        "from methods.lora import LoRA\n\n\n"
-        "class MyLoRA(LoRA):\n"
-        "    name = 'mylora'\n"
-        "    label = 'My LoRA'\n"
-        "    plot_style = ('#000000', 'o')\n"
-        "    summary = 'LoRA under another name (a test)'\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(methods.REGISTRY, "mylora", "my_method:MyLoRA")  # = methods.register("mylora", ...)
+    (tmp_path / "my_methods").mkdir()
+    (tmp_path / "my_methods" / "mine.py").write_text(PLUGIN_SOURCE)
+    monkeypatch.chdir(tmp_path)  # a plugin path is relative to the folder one runs from
     assert cli.main(["methods", "--json"]) == 0
+    assert "myqlora" not in json.loads(capsys.readouterr().out)
+    assert cli.main(["methods", "--json", "--plugins", "my_methods/mine.py"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert listed["mylora"]["label"] == "My LoRA" and listed["mylora"]["deploy"] == "fp16-merge"
-    assert plots.method_label("mylora") == "My LoRA" and plots._style("mylora") == ("#000000", "o")
-    assert methods.from_config({"name": "mylora", "rank": 4}).hp["rank"] == 4
+    assert listed["myqlora"]["label"] == "My QLoRA" and listed["myqlora"]["deploy"] == "4+16"
+    assert not listed["myqlora"]["builtin"] and listed["qlora"]["builtin"]
+    assert plots.method_label("myqlora") == "My QLoRA" and plots._style("myqlora") == ("#000000", "P")
+    assert methods.from_config({"name": "myqlora", "rank": 4}).hp["rank"] == 4
+    # a run config that names the plugin resolves (and keeps the plugin in what its jobs get, not in its run id)
+    from qftbench import config
+
+    cfg = config.resolve({"method": {"name": "myqlora"}, "plugins": ["my_methods/mine.py"]})
+    assert config.training_view(cfg)["plugins"] == ["my_methods/mine.py"]
+    assert "plugins" not in config.training_view(config.resolve({"method": {"name": "qlora"}}))
+    assert "plugins" not in config.job_view(config.resolve({"method": {"name": "qlora"}}))
+    same = config.resolve({"method": {"name": "myqlora"}})  # (registered in this process by now)
+    assert config.run_id(cfg) == config.run_id(same)
+
+
+@pytest.mark.parametrize("spec, msg", [
+    ("nowhere/mine.py", "the file 'nowhere/mine.py' does not exist"),
+    ("no_such_module_xyz", "cannot import 'no_such_module_xyz'"),
+])
+def test_a_plugin_that_cannot_be_imported_is_named_with_the_fix(spec, msg, clean_registry):
+    from methods.errors import ConfigError
+    from qftbench import config
+
+    with pytest.raises(ConfigError, match=re.escape(msg)) as e:
+        config.resolve({"method": {"name": "qlora"}, "plugins": [spec]}, where="run.yaml")
+    assert "run.yaml: plugins[0]" in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_a_plugin_cannot_take_a_builtin_name(clean_registry):
+    import methods
+    from methods.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="one of the suite's own methods"):
+        methods.register("qlora", "somewhere:Else")
 
 
 def test_published_rows_map_to_the_methods_that_claim_them():

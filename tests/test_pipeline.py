@@ -212,7 +212,20 @@ def test_bad_data_fails_before_training(tmp_path, content, name, msg):
 
 
 def test_missing_model_path_fails_before_training(tmp_path):
-    cfg = tiny_cfg(tmp_path, {"name": "qlora"}, model={"name": str(tmp_path / "no-such-model")})
+    """A local model folder that does not exist fails when the config is resolved (qftbench validate, the
+    Snakefile, every step), naming the field, the folder and the fix; one that appears only after validation (or
+    is removed) still fails the step before any training."""
+    from methods.errors import ConfigError
+
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ConfigError, match=r"model.name='.*no-such-model' is a local folder .* does not exist.*Fix"):
+        tiny_cfg(tmp_path, {"name": "qlora"}, model={"name": missing})
+    (tmp_path / "no-such-model").mkdir()
+    with pytest.raises(ConfigError, match="holds no config.json"):
+        tiny_cfg(tmp_path, {"name": "qlora"}, model={"name": missing})
+    (tmp_path / "no-such-model" / "config.json").write_text("{}")
+    cfg = tiny_cfg(tmp_path, {"name": "qlora"}, model={"name": missing})
+    (tmp_path / "no-such-model" / "config.json").unlink()
     with pytest.raises(OSError, match="no-such-model"):
         P.finetune_step(cfg)
     assert not P.run_dir(cfg).exists()

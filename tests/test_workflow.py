@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from methods.errors import ConfigError
@@ -39,33 +40,33 @@ def job_stats(output: str) -> dict[str, int]:
 # (config, expected jobs): derived by hand from the configs, see the comments
 EXPECTED = {
     # 2 bases (INT4 g32 RTN shared by base and qalora; NF4), 5 runs (base + 2 ranks x {qlora, qalora})
-    "tiny": {"quantize_base": 2, "finetune": 5, "evaluate": 5, "report": 1, "all": 1, "total": 14},
+    "tiny": {"quantize_base": 2, "finetune": 5, "evaluate": 5, "report": 1, "runs_table": 1, "all": 1, "total": 15},
     # 7 runs: base once (seeds: [0]) + 3 seeds x {qlora, qalora}; bases: 16-bit, NF4, INT4 g32
-    "default": {"quantize_base": 3, "finetune": 7, "evaluate": 7, "report": 1, "all": 1, "total": 19},
+    "default": {"quantize_base": 3, "finetune": 7, "evaluate": 7, "report": 1, "runs_table": 1, "all": 1, "total": 20},
     # 25 runs: base once + 3 seeds x 8 methods; bases: 16-bit (base, lora), NF4 (qlora, qbara), INT4 g32
     # (qalora, qahira, peqa), INT4 8x4 (qahira-ref), LoftQ r16
-    "methods": {"quantize_base": 5, "finetune": 25, "evaluate": 25, "report": 1, "all": 1, "total": 57},
+    "methods": {"quantize_base": 5, "finetune": 25, "evaluate": 25, "report": 1, "runs_table": 1, "all": 1, "total": 58},
     # 4 runs x 3 evaluation groups (MMLU 0-shot, MMLU 5-shot, commonsense); bases: 16-bit, NF4, INT4 g32 (qalora
     # and qahira share it)
-    "local": {"quantize_base": 3, "finetune": 5, "evaluate": 15, "report": 1, "all": 1, "total": 25},
+    "local": {"quantize_base": 3, "finetune": 5, "evaluate": 15, "report": 1, "runs_table": 1, "all": 1, "total": 26},
     # 1 base + (8 suite methods + 5 peft methods) x 4 learning rates, each evaluated once on the validation split
-    "tune": {"finetune": 53, "evaluate": 53, "report": 1, "all": 1},
+    "tune": {"finetune": 53, "evaluate": 53, "report": 1, "runs_table": 1, "all": 1},
     # 25 runs: base once + 3 seeds x (lora, qlora, qalora + 5 peft methods); bases: 16-bit (base, lora, PiSSA),
     # NF4 (qlora, DoRA, rsLoRA, VeRA, IA3: qlora's base, one job), INT4 g32 (qalora)
-    "peft": {"quantize_base": 3, "finetune": 25, "evaluate": 25, "report": 1, "all": 1, "total": 55},
+    "peft": {"quantize_base": 3, "finetune": 25, "evaluate": 25, "report": 1, "runs_table": 1, "all": 1, "total": 56},
     # 16 un-tuned bases, one run and one evaluation (commonsense + perplexity) each: 16-bit, NF4/NF3/NF2, and
     # INT4/3/2 x g32/g64 x RTN/GPTQ
-    "damage": {"quantize_base": 16, "finetune": 16, "evaluate": 16, "report": 1, "all": 1, "total": 50},
+    "damage": {"quantize_base": 16, "finetune": 16, "evaluate": 16, "report": 1, "runs_table": 1, "all": 1, "total": 51},
     # 21 runs: 3 un-tuned bases (16-bit, FP4, INT4 g64) + 2 seeds x 9 (lora, qlora, qlora NF2, loftq NF2, qbara,
     # qalora INT4 g64 / INT3 g32 / INT2 g32, qahira INT4 g64); 35 evaluations: qlora in 4 modes (4+16 and
     # requant w4g64 / w3g32 / w2g32), qalora and qahira in 2 (int-merge, 4+16); 9 bases: 16-bit, FP4, INT4 g64 RTN,
     # NF4, NF2, LoftQ NF2, GPTQ INT4 g64 (qalora and qahira share it), INT3 g32, INT2 g32
-    "claims": {"quantize_base": 9, "finetune": 21, "evaluate": 35, "report": 1, "all": 1, "total": 67},
+    "claims": {"quantize_base": 9, "finetune": 21, "evaluate": 35, "report": 1, "runs_table": 1, "all": 1, "total": 68},
     # 2 runs (the un-tuned INT4 g32 base and qalora share one base) x 3 evaluation groups
-    "tiny-real": {"quantize_base": 1, "finetune": 2, "evaluate": 6, "report": 1, "all": 1, "total": 11},
+    "tiny-real": {"quantize_base": 1, "finetune": 2, "evaluate": 6, "report": 1, "runs_table": 1, "all": 1, "total": 12},
     # 172 configurations x 3 seeds = 516 runs (test_paper_grid_size); 3 evaluation groups each, qlora in four
     # deployment modes (4+16, requant-w4g32/w3g32/w2g32): (516 - 36) x 3 + 36 x 4 x 3 = 1872
-    "paper": {"finetune": 516, "evaluate": 1872, "report": 1, "all": 1},
+    "paper": {"finetune": 516, "evaluate": 1872, "report": 1, "runs_table": 1, "all": 1},
 }
 
 
@@ -148,28 +149,48 @@ def test_tiny_dag_runs_end_to_end_and_second_run_does_nothing(tiny_sweep):
     for rd in (tmp_path / "results" / "runs").iterdir():
         assert {"train.json", "accounting.json", "provenance.json", "config.yaml", "eval"} <= {p.name for p in rd.iterdir()}
         assert len(records.validate_run(rd)) >= 4
+    # the sweep's table of runs: one line per run folder, its base one of the built base folders
+    runs = pd.read_csv(tables / "runs.tsv", sep="\t")
+    assert list(runs.columns) == list(S.RUNS_COLUMNS)
+    assert set(runs["run_id"]) == {rd.name for rd in (tmp_path / "results" / "runs").iterdir()}
+    assert set(runs["base"]) == {b.name for b in (tmp_path / "results" / "cache" / "bases").iterdir()}
+    assert sorted(runs["method"]) == ["base", "qalora", "qalora", "qlora", "qlora"]
+    assert sorted(runs.loc[runs["method"] == "qlora", "rank"]) == [2, 4] and set(runs["evaluations"]) == {1}
+    assert runs.loc[runs["method"] == "base", "lr"].isna().all()
     again = snakemake(["-n", "--cores", "2", "--configfile", cfg], cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
 @pytest.mark.slow
-def test_a_second_sweep_sharing_the_bases_leaves_the_first_with_nothing_to_do(tiny_sweep, tmp_path):
+def test_a_second_sweep_sharing_the_bases_leaves_the_first_with_nothing_to_do(tiny_sweep, tmp_path, monkeypatch,
+                                                                              clean_registry):
     """A job's identity is what defines its output: after the tiny sweep, another sweep in the same results folder
     whose runs share tiny's quantized bases (claimed there by other methods, with other training settings) builds
-    no base again, and a dry run of the tiny sweep afterwards has nothing to do."""
+    no base again, and a dry run of the tiny sweep afterwards has nothing to do.
+
+    The second sweep also runs a method of one's own: a module in the working folder that defines it and registers
+    it in one line, named by the sweep's ``plugins:``. Every job imports it (Snakemake runs each in a process of its
+    own); it appears in the tables under its name and in the figures under its own label."""
     import shutil
 
     import yaml
 
     from qftbench import pipeline as P
+    from qftbench import plots, report
     from qftbench import sweep as S
+    from tests.conftest import PLUGIN_SOURCE
 
     work = tmp_path / "shared"
     shutil.copytree(tiny_sweep, work, symlinks=True)
+    (work / "my_methods").mkdir()
+    (work / "my_methods" / "mine.py").write_text(PLUGIN_SOURCE)
+    monkeypatch.chdir(work)  # the plugin path is relative to the folder snakemake runs in
     tiny = REPO / "config" / "tiny.yaml"
     other = yaml.safe_load(tiny.read_text())
-    other.update(name="tiny-other", outputs={"tables": "results/tables/tiny-other", "figures": "figures/tiny-other"})
-    other["methods"] = [{"name": "peqa", "group_size": 32}, {"name": "qbara", "k": 2}]  # INT4 g32 RTN and NF4
+    other.update(name="tiny-other", outputs={"tables": "results/tables/tiny-other", "figures": "figures/tiny-other"},
+                 plugins=["my_methods/mine.py"])
+    # INT4 g32 RTN, NF4, NF4 (the plugin method is a QLoRA under another name)
+    other["methods"] = [{"name": "peqa", "group_size": 32}, {"name": "qbara", "k": 2}, {"name": "myqlora"}]
     other.pop("claims")  # tiny's claims name its methods
     other["grid"] = {"rank": [2]}
     other["run"]["train"] = {**other["run"]["train"], "lr": 3e-3}
@@ -179,9 +200,40 @@ def test_a_second_sweep_sharing_the_bases_leaves_the_first_with_nothing_to_do(ti
     assert bases(other) <= bases(S.load(tiny)), "the second sweep must share the first one's bases"
 
     r = snakemake(["--cores", "2", "--configfile", str(other_cfg)], cwd=work)
-    assert "quantize_base" not in job_stats(r.stdout + r.stderr), "a shared base was built again"
+    stats = job_stats(r.stdout + r.stderr)
+    assert "quantize_base" not in stats, "a shared base was built again"
+    assert stats["finetune"] == 3 and stats["evaluate"] == 3
     again = snakemake(["-n", "--cores", "2", "--configfile", str(tiny)], cwd=work)
     assert "Nothing to be done" in again.stdout + again.stderr, (again.stdout + again.stderr)[-3000:]
+
+    # the plugin method's run: its record names the plugin, its row is in the tables, its label in the figures
+    (mine,) = [rd for rd in (work / "results" / "runs").iterdir() if "-myqlora-" in rd.name]
+    assert yaml.safe_load((mine / "config.yaml").read_text())["plugins"] == ["my_methods/mine.py"]
+    tables = work / "results" / "tables" / "tiny-other"
+    for name in ("synthetic", "efficiency"):
+        frame = pd.read_csv(tables / f"{name}.csv")
+        assert "myqlora" in set(frame["method"]), (name, frame["method"].tolist())
+    # as in the report's own process, where nothing has registered it: the run's config.yaml brings it back
+    clean_registry.REGISTRY.pop("myqlora")
+    clean_registry._LOADED.clear()
+    for module in [k for k in sys.modules if k.startswith("qftbench_plugin_mine_")]:
+        monkeypatch.delitem(sys.modules, module)
+    assert plots.method_label("myqlora") == "myqlora"
+    legends = []
+    real_save = plots._save
+
+    def save_and_read_legend(fig, out_dir, name):  # the real figure, written; its legend texts noted
+        legends.extend(t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts())
+        legends.extend(t.get_text() for lg in fig.legends for t in lg.get_texts())
+        return real_save(fig, out_dir, name)
+
+    monkeypatch.setattr(plots, "_save", save_and_read_legend)
+    frame = report.collect(work / "results")
+    plots.make_figures(frame[frame["run_id"].isin([p.name for p in (work / "results" / "runs").iterdir()])],
+                       tmp_path / "figs")
+    assert any(t.startswith("My QLoRA") for t in legends), legends
+    assert "report" in stats and not (work / "results" / "logs" / "report" / "tiny-other.log").read_text().count(
+        "Warning")
 
 
 TIMING = ("train time (s)", "peak mem (MB)", "tokens/s")

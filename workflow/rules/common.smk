@@ -1,9 +1,15 @@
 # Sweep expansion and lookups shared by the rules. No rule lives here.
+#
+# The sweep config is validated here, when the Snakefile is parsed, before any job: qftbench.sweep.expand checks
+# it against workflow/schemas/sweep.schema.yaml and every run it expands to against config.schema.yaml (with
+# did-you-mean messages that name the field, the value and the fix). workflow/schemas/ is a link to
+# qftbench/schemas/, where the library (qftbench validate, every step) reads the same files.
 import json
 import sys
 from pathlib import Path
 
 import qftbench.config  # (not `from qftbench import config`: Snakemake's own `config` is the sweep given)
+from methods.atomic import atomic_write
 from qftbench import pipeline, sweep
 
 PY = sys.executable  # the environment that runs snakemake runs every step (also inside SLURM jobs)
@@ -55,6 +61,7 @@ BASE_OF = {rid: pipeline.base_dir(cfg).name for rid, cfg in RUNS.items()}
 TABLES = sweep.expected_tables(SWEEP, RUNS)
 TABLES_ARG = ",".join(TABLES)
 FIGURES = sweep.FIGURES
+RUNS_TSV = sweep.runs_table(RUNS)
 
 
 wildcard_constraints:
@@ -88,7 +95,7 @@ def res(rid, key, default=None):
 def all_targets():
     return (
         [f"{OUT['tables']}/{t}.{ext}" for t in TABLES for ext in ("csv", "md", "tex")]
-        + [f"{OUT['tables']}/index.html"]
+        + [f"{OUT['tables']}/index.html", f"{OUT['tables']}/runs.tsv"]
         + ([f"{OUT['tables']}/claims.html"] if "claims" in TABLES else [])
         + [f"{OUT['figures']}/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")]
     )

@@ -1,4 +1,16 @@
-# Collation: tables (CSV, Markdown, LaTeX from one DataFrame each) and figures (PNG, PDF).
+# Collation: tables (CSV, Markdown, LaTeX from one DataFrame each) and figures (PNG, PDF); and the sweep's
+# table of runs, written before any run starts.
+
+
+rule runs_table:
+    # which run is which: id, model, method, rank, bits, group, data, lr, seed, base folder (qftbench.sweep.runs_table)
+    output:
+        f"{OUT['tables']}/runs.tsv",
+    params:
+        text=RUNS_TSV,
+    localrule: True
+    run:
+        atomic_write(output[0], params.text)
 
 
 rule report:
