@@ -417,11 +417,11 @@ def test_claims_config_takes_every_rate_from_the_tuning_rule():
         for key in ("max_steps", "batch_size", "optimizer"):
             assert c["train"][key] == every["run"]["train"][key]
         assert c["train"]["precision"] == "fp32"  # bf16 is emulated (about 20x slower) on AVX2-only CPUs
-    assert claims["data"] == every["data"] and sorted({c["seed"] for c in c_runs.values()}) == [0, 1]
+    assert claims["data"] == every["data"] and sorted({c["seed"] for c in c_runs.values()}) == [0, 1, 2]
     shared = {rid for rid, c in c_runs.items() if c["method"]["name"] in ("lora", "qbara")
               or (c["method"]["name"] == "qlora" and c["method"]["bits"] == 4)
               or (c["method"]["name"] == "base" and c["method"]["bits"] == 16)}
-    assert len(shared) == 7  # base once, lora, qlora, qbara x 2 seeds
+    assert len(shared) == 10  # base once, lora, qlora, qbara x 3 seeds
     for rid in shared:
         twin = next(c for c in m_runs.values() if c["method"] == c_runs[rid]["method"] and c["seed"] == c_runs[rid]["seed"])
         assert {k: v for k, v in c_runs[rid].items() if k not in ("calibration", "eval", "sweep", "resources", "train")} \

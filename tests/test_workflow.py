@@ -57,11 +57,11 @@ EXPECTED = {
     # 16 un-tuned bases, one run and one evaluation (commonsense + perplexity) each: 16-bit, NF4/NF3/NF2, and
     # INT4/3/2 x g32/g64 x RTN/GPTQ
     "damage": {"quantize_base": 16, "finetune": 16, "evaluate": 16, "report": 1, "runs_table": 1, "all": 1, "total": 51},
-    # 21 runs: 3 un-tuned bases (16-bit, FP4, INT4 g64) + 2 seeds x 9 (lora, qlora, qlora NF2, loftq NF2, qbara,
-    # qalora INT4 g64 / INT3 g32 / INT2 g32, qahira INT4 g64); 35 evaluations: qlora in 4 modes (4+16 and
+    # 30 runs: 3 un-tuned bases (16-bit, FP4, INT4 g64) + 3 seeds x 9 (lora, qlora, qlora NF2, loftq NF2, qbara,
+    # qalora INT4 g64 / INT3 g32 / INT2 g32, qahira INT4 g64); 51 evaluations: qlora in 4 modes (4+16 and
     # requant w4g64 / w3g32 / w2g32), qalora and qahira in 2 (int-merge, 4+16); 9 bases: 16-bit, FP4, INT4 g64 RTN,
     # NF4, NF2, LoftQ NF2, GPTQ INT4 g64 (qalora and qahira share it), INT3 g32, INT2 g32
-    "claims": {"quantize_base": 9, "finetune": 21, "evaluate": 35, "report": 1, "runs_table": 1, "all": 1, "total": 68},
+    "claims": {"quantize_base": 9, "finetune": 30, "evaluate": 51, "report": 1, "runs_table": 1, "all": 1, "total": 93},
     # 2 runs (the un-tuned INT4 g32 base and qalora share one base) x 3 evaluation groups
     "tiny-real": {"quantize_base": 1, "finetune": 2, "evaluate": 6, "report": 1, "runs_table": 1, "all": 1, "total": 12},
     # 172 configurations x 3 seeds = 516 runs (test_paper_grid_size); 3 evaluation groups each, qlora in four

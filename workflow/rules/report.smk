@@ -8,9 +8,12 @@ rule runs_table:
         f"{OUT['tables']}/runs.tsv",
     params:
         text=RUNS_TSV,
+    log:
+        f"{RESULTS}/logs/runs_table/{SWEEP.get('name', 'sweep')}.log",
     localrule: True
     run:
         atomic_write(output[0], params.text)
+        atomic_write(log[0], f"{len(RUNS)} runs -> {output[0]}\n")
 
 
 rule report:
