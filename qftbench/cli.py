@@ -75,9 +75,15 @@ def cmd_validate(args) -> int:
     from . import config
     from . import pipeline
 
+    from . import spec
+
     cfg = _cfg(args)
-    print(f"{args.config}: valid. run_id={config.run_id(cfg)}\n  run folder: {pipeline.run_dir(cfg)}\n"
-          f"  base:       {pipeline.base_dir(cfg)}")
+    run = spec.from_config(cfg)
+    print(f"{args.config}: valid. run_id={run.run_id}\n  run folder: {pipeline.run_dir(cfg)}\n"
+          f"  base:       {pipeline.base_dir(cfg, run.method)}")
+    for job in run.evals:
+        print(f"  evaluation: {job.path}  ({job.mode}; {', '.join(job.tasks)}"
+              + (f"; {job.shots}-shot" if job.shots is not None else "") + ")")
     return 0
 
 

@@ -114,6 +114,12 @@ def _explain(err: jsonschema.ValidationError, where: str) -> str:
 
 def resolve(raw: dict | None, where: str = "config") -> dict:
     """Defaults filled in and every field checked; raises :class:`ConfigError` naming field, value and fix."""
+    return resolve_with_method(raw, where)[0]
+
+
+def resolve_with_method(raw: dict | None, where: str = "config") -> tuple[dict, Any]:
+    """:func:`resolve`, and the Method it built from the config's ``method`` section (so that a caller that needs
+    it, the sweep's :class:`~qftbench.spec.RunSpec`, does not build it again)."""
     import methods
 
     raw = raw or {}
@@ -141,7 +147,7 @@ def resolve(raw: dict | None, where: str = "config") -> dict:
     _check_task_keys(cfg, where)
     _check_combinations(cfg, method, where)
     _check_tasks(tuple(cfg["eval"]["tasks"]), cfg["eval"]["data_root"], where)
-    return cfg
+    return cfg, method
 
 
 _SHAPES: dict[tuple, list | None] = {}

@@ -58,8 +58,10 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def base_dir(cfg) -> Path:
-    method = build_method(cfg)
+def base_dir(cfg, method=None) -> Path:
+    """The folder of the run's quantized base, named by what defines it (model, quantizer, bits, group, and
+    the calibration for GPTQ); ``method``: the run's Method when the caller has built it."""
+    method = method if method is not None else build_method(cfg)
     key = {"model": cfg["model"], "base": method.base_key()}
     if method.hp.get("quantizer") == "gptq":
         key["calibration"] = calibration_spec(cfg)

@@ -60,7 +60,8 @@ import math
 
 from methods.errors import ConfigError, did_you_mean
 
-from . import config
+from . import config, spec
+from .spec import RunSpec
 
 #: the sweep config's schema (qftbench/schemas/sweep.schema.yaml; workflow/schemas/ links to it)
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "sweep.schema.yaml"
@@ -180,6 +181,16 @@ def _method_variants(entry: dict, grid: dict, where: str) -> list[dict]:
 
 def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
     """``{run_id: resolved run config}`` for every run of the sweep, each validated."""
+    return {rid: cfg for rid, (cfg, _) in _expand(sweep, where).items()}
+
+
+def specs(sweep: dict, where: str = "sweep") -> dict[str, RunSpec]:
+    """``{run_id: RunSpec}`` for every run of the sweep (:mod:`qftbench.spec`): each run resolved and validated
+    once, its Method built once, with its base and its evaluation jobs. What the Snakefile reads its jobs from."""
+    return {rid: spec.from_config(cfg, method) for rid, (cfg, method) in _expand(sweep, where).items()}
+
+
+def _expand(sweep: dict, where: str) -> dict[str, tuple[dict, Any]]:
     if not isinstance(sweep, dict):
         raise ConfigError(f"{where}: a sweep config must be a mapping.")
     errors = sorted(jsonschema.Draft202012Validator(SCHEMA).iter_errors(sweep), key=lambda e: list(e.absolute_path))
@@ -249,6 +260,7 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
                                  "; it has no `presets:` section. Fix: define presets: {" + str(name) +
                                  ": [{when: .., set: ..}]} or drop the preset key."))
     runs: dict[str, dict] = {}
+    built: dict[str, Any] = {}  # run id -> its Method (built once, by resolve)
     for model in _model_entries(sweep):
         for data_label, data in sweep["data"].items():
             for mi, entry in enumerate(sweep["methods"]):
@@ -312,7 +324,7 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
                             raw["plugins"] = plugins
                         label = (f"{where}: run (model={model['label']}, data={data_label}, method={variant}"
                                  + "".join(f", {sec}.{k}={v!r}" for (sec, k), v in setting.items()) + ")")
-                        cfg = config.resolve(raw, where=label)
+                        cfg, method = config.resolve_with_method(raw, where=label)
                         cfg["sweep"] = {"name": sweep.get("name", "sweep"), "model_label": model["label"],
                                         "data_label": data_label}
                         if preset is not None:
@@ -321,11 +333,12 @@ def expand(sweep: dict, where: str = "sweep") -> dict[str, dict]:
                         if rid in runs and _placement(runs[rid]) != _placement(cfg):
                             raise ConfigError(f"{label}: the same run appears twice in the sweep ({rid}).")
                         runs.setdefault(rid, cfg)  # equal under two presets: one run (the first preset named)
+                        built.setdefault(rid, method)
     if sweep.get("claims"):
         from .claims import check_selectors
 
         check_selectors(sweep["claims"], runs, where=f"{where}: claims")
-    return runs
+    return {rid: (cfg, built[rid]) for rid, cfg in runs.items()}
 
 
 def _placement(cfg: dict) -> dict:
@@ -349,47 +362,20 @@ def resources(sweep: dict, cfg: dict) -> dict[str, Any]:
 training_view = config.training_view  # (the finetune job's config; defined next to TRAINING_KEYS)
 
 
-def eval_jobs(cfg: dict) -> list[dict]:
-    """One evaluation job per (deployment mode, task group): ``{mode, tasks, shots, key, path}``. ``requant``
-    becomes one mode per ``eval.requant`` setting when that is a list (``requant-w3g32``, ...)."""
-    import methods
-
-    from . import pipeline
-
-    method = methods.from_config(cfg["method"])
-    modes = []
-    for m in config.eval_modes(cfg):
-        m = method.deploy if m == "deploy" else m
-        if method.name == "base":
-            m = "base"
-        if m not in modes:
-            modes.append(m)
-    out = []
-    for mode in modes:
-        for tasks, shots in pipeline.eval_groups(cfg):
-            key = pipeline._tasks_key(tasks, shots)
-            out.append({"mode": mode, "tasks": tasks, "shots": shots, "key": key,
-                        "path": str(pipeline.run_dir(cfg) / "eval" / mode / f"{key}.json")})
-    return out
+eval_jobs = spec.eval_jobs  # one evaluation job per (deployment mode, task group): qftbench.spec.EvalJob
 
 
 RUNS_COLUMNS = ("run_id", "model", "method", "rank", "bits", "group", "data", "lr", "seed", "base", "evaluations")
 
 
-def runs_table(runs: Mapping[str, dict]) -> str:
+def runs_table(specs: Mapping[str, RunSpec]) -> str:
     """The sweep's runs as a readable TSV (``<tables>/runs.tsv``), one line per run in the sweep's order: its id
     (= its folder under ``results/runs/``), model and data labels, method, rank, bits, group, learning rate, seed,
     the folder of its quantized base (``results/cache/bases/``, shared by the runs that name the same one) and its
-    number of evaluation jobs. Empty cells for what a method does not have (a 16-bit base has no group)."""
-    from . import pipeline
-
+    number of evaluation jobs (:meth:`qftbench.spec.RunSpec.row`). Empty cells for what a method does not have."""
     lines = ["\t".join(RUNS_COLUMNS)]
-    for rid, cfg in runs.items():
-        m = cfg["method"]
-        row = {"run_id": rid, "model": cfg["sweep"]["model_label"], "method": m["name"], "rank": m.get("rank"),
-               "bits": m.get("bits"), "group": m.get("group_size"), "data": cfg["sweep"]["data_label"],
-               "lr": None if m["name"] == "base" else cfg["train"]["lr"], "seed": cfg["seed"],
-               "base": pipeline.base_dir(cfg).name, "evaluations": len(eval_jobs(cfg))}
+    for s in specs.values():
+        row = s.row()
         lines.append("\t".join("" if row[c] is None else str(row[c]) for c in RUNS_COLUMNS))
     return "\n".join(lines) + "\n"
 

@@ -132,6 +132,23 @@ def _line_of(path: Path, text: str) -> int:
     return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
 
 
+def test_the_sweep_builds_each_method_once(monkeypatch):
+    """Parsing the Snakefile builds one Method per run (qftbench.sweep.specs: resolve builds it, the RunSpec keeps
+    it for the base folder, the evaluation jobs and the table of runs), not one per consumer."""
+    import methods.registry
+    from qftbench import sweep
+
+    calls = []
+    real = methods.registry.build
+    monkeypatch.setattr(methods.registry, "build", lambda name, **hp: calls.append(name) or real(name, **hp))
+    specs = sweep.specs(sweep.load(ROOT / "config" / "claims.yaml"))
+    assert len(calls) == len(specs) == 30
+    one = next(s for s in specs.values() if s.config["method"]["name"] == "qlora" and s.config["method"]["bits"] == 4)
+    assert one.method.hp["rank"] == 16 and [j.mode for j in one.evals] == [
+        "4+16", "requant-w4g64", "requant-w3g32", "requant-w2g32"]
+    assert len(calls) == 30 and sweep.runs_table(specs).count("\n") == 31
+
+
 def test_each_method_owns_its_label_and_figure_style():
     """Tables and figures read a method's name and style from its class (``label``, ``plot_style``): every
     registered method has its own, and no two share a (colour, marker)."""

@@ -109,14 +109,14 @@ def test_paper_grid_size():
     assert q["train"]["lr"] == 2e-4 and q["method"]["dropout"] == 0.1 and q["eval"]["modes"] == ["4+16", "requant"]
     # "QLoRA w/ GPTQ" at 4, 3 and 2 bits from the same trained model: one evaluation mode per setting
     jobs = S.eval_jobs(q)
-    assert [j["mode"] for j in jobs if j["key"] == "mmlu-5shot"] == ["4+16", "requant-w4g32", "requant-w3g32",
-                                                                     "requant-w2g32"]
+    assert [j.mode for j in jobs if j.key == "mmlu-5shot"] == ["4+16", "requant-w4g32", "requant-w3g32",
+                                                               "requant-w2g32"]
     cs = "hellaswag+piqa+winogrande+arc_easy+arc_challenge+boolq+openbookqa"
-    assert [j["path"].split("/eval/")[1] for j in jobs if j["mode"] == "requant-w3g32"] == [
+    assert [j.path.split("/eval/")[1] for j in jobs if j.mode == "requant-w3g32"] == [
         "requant-w3g32/mmlu.json", "requant-w3g32/mmlu-5shot.json", f"requant-w3g32/{cs}.json"]
     from qftbench import report as R
 
-    assert [R.deployment(q["method"], j["mode"], q["eval"]) for j in jobs if j["key"] == "mmlu-5shot"] == [
+    assert [R.deployment(q["method"], j.mode, q["eval"]) for j in jobs if j.key == "mmlu-5shot"] == [
         ("4+16", None), ("4", 32), ("3", 32), ("2", 32)]
     assert S.resources(S.load(REPO / "config" / "paper.yaml"), a)["gpu"] == 2
 

@@ -26,7 +26,10 @@ else:  # default, or --config sweep=path
         SWEEP["preset"] = config["preset"]
 SWEEP = {k: v for k, v in SWEEP.items() if k != "sweep"}
 
-RUNS = sweep.expand(SWEEP, where=str(SWEEP_SOURCE))  # raises a ConfigError (with the fix) before any job
+# one RunSpec per run (qftbench/spec.py): resolved and validated once, its Method built once, with its run id, base
+# and evaluation jobs; raises a ConfigError (with the fix) before any job
+SPECS = sweep.specs(SWEEP, where=str(SWEEP_SOURCE))
+RUNS = {rid: s.config for rid, s in SPECS.items()}  # the resolved run configs
 if not RUNS:
     raise ValueError(f"{SWEEP_SOURCE}: the sweep has no runs")
 RESULTS = {str(pipeline.results_dir(c)) for c in RUNS.values()}
@@ -48,20 +51,16 @@ if _slow:
           f"measured on an AVX2 machine). Fix: add --config preset=fp32 (the shipped CPU sweeps define it; results "
           f"then differ from bf16 ones in the low bits and get other run ids).", file=sys.stderr)
 
-EVALS = {}  # (run, mode, group) -> evaluation job
-for _rid, _cfg in RUNS.items():
-    for _job in sweep.eval_jobs(_cfg):
-        EVALS[(_rid, _job["mode"], _job["key"])] = _job
-
+EVALS = {(rid, job.mode, job.key): job for rid, s in SPECS.items() for job in s.evals}  # -> qftbench.spec.EvalJob
 BASES = {}  # base folder name -> a run that builds it
-for _rid, _cfg in RUNS.items():
-    BASES.setdefault(pipeline.base_dir(_cfg).name, _rid)
-BASE_OF = {rid: pipeline.base_dir(cfg).name for rid, cfg in RUNS.items()}
+for _rid, _spec in SPECS.items():
+    BASES.setdefault(_spec.base_id, _rid)
+BASE_OF = {rid: s.base_id for rid, s in SPECS.items()}
 
 TABLES = sweep.expected_tables(SWEEP, RUNS)
 TABLES_ARG = ",".join(TABLES)
 FIGURES = sweep.FIGURES
-RUNS_TSV = sweep.runs_table(RUNS)
+RUNS_TSV = sweep.runs_table(SPECS)
 
 
 wildcard_constraints:

@@ -9,8 +9,8 @@ rule evaluate:
     params:
         py=PY,
         cfg=lambda w: full_json(w.run),
-        tasks=lambda w: ",".join(EVALS[(w.run, w.mode, w.group)]["tasks"]),
-        shots=lambda w: EVALS[(w.run, w.mode, w.group)]["shots"] if EVALS[(w.run, w.mode, w.group)]["shots"] is not None else -1,
+        tasks=lambda w: ",".join(EVALS[(w.run, w.mode, w.group)].tasks),
+        shots=lambda w: -1 if EVALS[(w.run, w.mode, w.group)].shots is None else EVALS[(w.run, w.mode, w.group)].shots,
     threads: lambda w: res(w.run, "threads", 1)
     resources:
         mem_mb=lambda w: res(w.run, "eval_mem_mb", res(w.run, "mem_mb")),

@@ -18,7 +18,7 @@ rule runs_table:
 
 rule report:
     input:
-        evals=[job["path"] for job in EVALS.values()],
+        evals=[job.path for job in EVALS.values()],
         trained=[f"{RESULTS}/runs/{rid}/train.json" for rid in RUNS],
     output:
         tables=[f"{OUT['tables']}/{t}.{ext}" for t in TABLES for ext in ("csv", "md", "tex")]
