@@ -72,10 +72,7 @@ def _cfg(args):
 
 
 def cmd_validate(args) -> int:
-    from . import config
-    from . import pipeline
-
-    from . import spec
+    from . import pipeline, spec
 
     cfg = _cfg(args)
     run = spec.from_config(cfg)
