@@ -11,11 +11,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_llama_config(hidden=96, intermediate=160, layers=2, heads=6, kv_heads=2, vocab=128):
-    from transformers import LlamaConfig
+    """``qftbench.models``' tiny-llama config at unit-test scale: a 128-token vocabulary, untied head, no pad token,
+    the transformers defaults for the rest (the same weights for a seed as before this helper used it)."""
+    from qftbench.models import tiny_llama_config as suite_tiny
 
-    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                       max_position_embeddings=128, tie_word_embeddings=False)
+    return suite_tiny(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                      max_position_embeddings=128, tie_word_embeddings=False, rms_norm_eps=1e-6, pad_token_id=None)
 
 
 def make_tiny_llama(seed: int = 0, **kw):
