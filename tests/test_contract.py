@@ -195,3 +195,4 @@ def test_peft_export_where_the_method_says_it_applies(tmp_path, name):
             setattr(base.get_submodule(parent), child, copy.deepcopy(mod.base))
     loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft"))
     torch.testing.assert_close(logits(loaded), logits(model), rtol=1e-5, atol=1e-5)
+    assert loaded.peft_config["default"].r == m.hp["rank"] and loaded.peft_config["default"].lora_alpha == m.hp["alpha"]

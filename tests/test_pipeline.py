@@ -42,6 +42,12 @@ METHODS = [
 ]
 
 
+def test_every_registered_method_runs_end_to_end_below():
+    import methods
+
+    assert {m["name"] for m in METHODS} == set(methods.names()), "add the method to METHODS (test_end_to_end_per_method)"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS, ids=[m["name"] + ("-" + m["peft"]["peft_type"].lower() if "peft" in m
                                                                  else "") for m in METHODS])
