@@ -13,7 +13,7 @@ def cmd_methods(args) -> int:
     out = {}
     for name in methods.names():
         cls = methods.get(name)
-        out[name] = {"label": cls.label or name, "summary": cls.summary, "builtin": name in methods.registry.BUILTIN,
+        out[name] = {"label": cls.display_label(), "summary": cls.summary, "builtin": name in methods.registry.BUILTIN,
                      "deploy": getattr(cls, "deploy_summary", cls.deploy),
                      "hyperparameters": {k: {"default": h.default, "doc": h.doc,
                                              **({"choices": list(h.choices)} if h.choices else {})}

@@ -41,7 +41,8 @@ def method_label(method: str) -> str:
     rows, a method registered in another process)."""
     from methods.registry import find
 
-    return getattr(find(method), "label", "") or str(method)
+    cls = find(method)
+    return cls.display_label() if cls is not None else str(method)
 
 
 def _style(method: str):

@@ -73,23 +73,19 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
-#: a method of one's own in a module of its own, registered by its last line: what a user writes (README, "Adding a
-#: method"); a QLoRA under another name, so that it shares QLoRA's NF4 base
-PLUGIN_SOURCE = '''"""A method of one's own (a test): QLoRA under another name, label and style."""
-import methods
-from methods.qlora import QLoRA
+def _readme_plugin() -> str:
+    """The README's plugin example ("Or, outside the repository: a plugin module"), the ```python block that starts
+    with ``# my_methods/mine.py``: the tests run exactly the code the README shows."""
+    import re
+
+    blocks = re.findall(r"```python\n(# my_methods/mine\.py\n.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert len(blocks) == 1, "README.md: the plugin example (# my_methods/mine.py) is missing or given twice"
+    return blocks[0]
 
 
-class MyQLoRA(QLoRA):
-    name = "myqlora"
-    label = "My QLoRA"
-    plot_style = ("#000000", "P")
-    summary = "QLoRA under another name (a plugin, tests)"
-    paper_rows = {}
-
-
-methods.register("myqlora", MyQLoRA)
-'''
+#: a method of one's own in a module of its own, registered by its last line: a QLoRA under another name (so that
+#: it shares QLoRA's NF4 base), label "My QLoRA", style ("#000000", "P")
+PLUGIN_SOURCE = _readme_plugin()
 
 
 @pytest.fixture
