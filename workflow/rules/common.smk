@@ -1,6 +1,6 @@
 # Sweep expansion and lookups shared by the rules. No rule lives here.
 #
-# The sweep config is validated here, when the Snakefile is parsed, before any job: qftbench.sweep.expand checks
+# The sweep config is validated here, when the Snakefile is parsed, before any job: qftbench.sweep.specs checks
 # it against workflow/schemas/sweep.schema.yaml and every run it expands to against config.schema.yaml (with
 # did-you-mean messages that name the field, the value and the fix). workflow/schemas/ is a link to
 # qftbench/schemas/, where the library (qftbench validate, every step) reads the same files.
@@ -71,8 +71,8 @@ wildcard_constraints:
 
 
 # every job's params: its config without the settings added at the value runs already had
-# (qftbench.config.job_view), so that
-# upgrading the suite does not make Snakemake rerun (and delete) what a results folder holds
+# (qftbench.config.job_view), so that upgrading the suite does not make Snakemake rerun (and delete) what a
+# results folder holds
 def training_json(rid):
     return json.dumps(qftbench.config.job_view(sweep.training_view(RUNS[rid])), sort_keys=True)
 
