@@ -76,7 +76,7 @@ def from_config(section: Mapping[str, Any]):
     return build(section["name"], **{k: v for k, v in section.items() if k != "name"})
 
 
-_LOADED: dict[str, str] = {}  # plugin spec as given -> module name
+_LOADED: dict[str, str] = {}  # module name, or a .py file's absolute path -> the module's name
 
 
 def load_plugins(specs: Sequence[str] | None, where: str = "plugins") -> list[str]:
@@ -89,8 +89,9 @@ def load_plugins(specs: Sequence[str] | None, where: str = "plugins") -> list[st
     for i, spec in enumerate(specs or ()):
         if not isinstance(spec, str) or not spec:
             raise ConfigError(f"{where}[{i}]={spec!r} is not a module name or a .py file path.")
-        if spec in _LOADED:
-            out.append(_LOADED[spec])
+        key = str(Path(spec).resolve()) if spec.endswith(".py") else spec  # (a relative path: from today's folder)
+        if key in _LOADED:
+            out.append(_LOADED[key])
             continue
         try:
             if spec.endswith(".py"):
@@ -117,6 +118,6 @@ def load_plugins(specs: Sequence[str] | None, where: str = "plugins") -> list[st
                               f"or a path to a .py file.") from None
         except Exception as e:
             raise ConfigError(f"{where}[{i}]: importing {spec!r} failed: {type(e).__name__}: {e}") from e
-        _LOADED[spec] = name
+        _LOADED[key] = name
         out.append(name)
     return out
