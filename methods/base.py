@@ -108,14 +108,14 @@ class Method:
     #: training needs the gradient of the frozen base weight's matmul too (PEQA: the scales sit inside it);
     #: counted in the training FLOPs (qftbench.accounting)
     needs_base_weight_grad: ClassVar[bool] = False
+    #: where the trainable-parameter and adapter-FLOP counts come from: a closed "formula" of the layer's shape,
+    #: or "measured" on a probe layer (peft's methods); recorded with every run's accounting
+    accounting_source: ClassVar[str] = "formula"
 
     @classmethod
     def display_label(cls) -> str:
         """The method's name in figures and listings: its ``label``, else its registered ``name``."""
         return cls.label or cls.name
-    #: where the trainable-parameter and adapter-FLOP counts come from: a closed "formula" of the layer's shape,
-    #: or "measured" on a probe layer (peft's methods); recorded with every run's accounting
-    accounting_source: ClassVar[str] = "formula"
 
     def __init__(self, **hp: Any):
         unknown = [k for k in hp if k not in self.hyperparameters]

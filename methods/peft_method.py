@@ -290,7 +290,6 @@ class Peft(Method):
 
         from safetensors.torch import save_file
 
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         # the config as written (peft's injected copy has target_modules expanded to full module names, which
@@ -300,7 +299,7 @@ class Peft(Method):
         tensors = {f"base_model.model.{k}": v.contiguous().cpu() for k, v in _adapter_state(model).items()}
         atomic_write(d / "adapter_model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
         atomic_write(d / "adapter_config.json",
-                lambda p: Path(p).write_text(json.dumps(_plain(cfg.to_dict()), indent=2, sort_keys=True)))
+                     lambda p: Path(p).write_text(json.dumps(_plain(cfg.to_dict()), indent=2, sort_keys=True)))
         own = {"format": "qftbench-peft-adapter", "version": 1, **_plain(self.describe()),
                "tensors": {k: list(v.shape) for k, v in tensors.items()}}
         atomic_write(d / PEFT_CONFIG, lambda p: Path(p).write_text(json.dumps(own, indent=2, sort_keys=True)))

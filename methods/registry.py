@@ -89,13 +89,13 @@ def load_plugins(specs: Sequence[str] | None, where: str = "plugins") -> list[st
     for i, spec in enumerate(specs or ()):
         if not isinstance(spec, str) or not spec:
             raise ConfigError(f"{where}[{i}]={spec!r} is not a module name or a .py file path.")
-        key = str(Path(spec).resolve()) if spec.endswith(".py") else spec  # (a relative path: from today's folder)
+        path = Path(spec).resolve() if spec.endswith(".py") else None  # (a relative path: from today's folder)
+        key = str(path) if path is not None else spec
         if key in _LOADED:
             out.append(_LOADED[key])
             continue
         try:
-            if spec.endswith(".py"):
-                path = Path(spec).resolve()
+            if path is not None:
                 if not path.is_file():
                     raise ConfigError(f"{where}[{i}]: the file {spec!r} does not exist (looked for {path}). Fix: give "
                                       f"the path relative to the folder you run from, or an importable module name.")

@@ -368,13 +368,13 @@ eval_jobs = spec.eval_jobs  # one evaluation job per (deployment mode, task grou
 RUNS_COLUMNS = ("run_id", "model", "method", "rank", "bits", "group", "data", "lr", "seed", "base", "evaluations")
 
 
-def runs_table(specs: Mapping[str, RunSpec]) -> str:
+def runs_table(run_specs: Mapping[str, RunSpec]) -> str:
     """The sweep's runs as a readable TSV (``<tables>/runs.tsv``), one line per run in the sweep's order: its id
     (= its folder under ``results/runs/``), model and data labels, method, rank, bits, group, learning rate, seed,
     the folder of its quantized base (``results/cache/bases/``, shared by the runs that name the same one) and its
     number of evaluation jobs (:meth:`qftbench.spec.RunSpec.row`). Empty cells for what a method does not have."""
     lines = ["\t".join(RUNS_COLUMNS)]
-    for s in specs.values():
+    for s in run_specs.values():
         row = s.row()
         lines.append("\t".join("" if row[c] is None else str(row[c]) for c in RUNS_COLUMNS))
     return "\n".join(lines) + "\n"
